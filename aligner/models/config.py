@@ -1,0 +1,142 @@
+"""One model description for every trainer, mapped onto megatron-core's TransformerConfig.
+
+Two families are supported: Llama-style (RMSNorm, SwiGLU, RoPE, grouped-query attention,
+no biases) and GPT-2-style (LayerNorm, tanh-GELU, learned positions, biases, tied embeddings).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+ARCHITECTURES = ("llama", "gpt2")
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "32": torch.float32,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    ffn_hidden_size: int = 688
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: multi-head attention (as many KV heads as heads)
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+
+    @property
+    def is_llama(self) -> bool:
+        return self.arch == "llama"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self, tensor_parallel: int = 1, key_prefix: str = "model") -> None:
+        def bad(key: str, msg: str):
+            raise ModelConfigError(f"{key_prefix}.{key}: {msg}")
+
+        if self.arch not in ARCHITECTURES:
+            bad("arch", f"unsupported architecture {self.arch!r}; supported: {', '.join(ARCHITECTURES)}")
+        for key in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                    "max_position_embeddings"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(key, f"must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            bad("hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.kv_heads:
+            bad("num_query_groups", f"num_attention_heads={self.num_attention_heads} is not a multiple of {self.kv_heads}")
+        if self.num_attention_heads % tensor_parallel or self.kv_heads % tensor_parallel:
+            bad("num_attention_heads", f"heads ({self.num_attention_heads}) and KV heads ({self.kv_heads}) must "
+                f"be divisible by model.tensor_model_parallel_size={tensor_parallel}")
+        if self.ffn_hidden_size % tensor_parallel:
+            bad("ffn_hidden_size", f"{self.ffn_hidden_size} is not divisible by tensor_model_parallel_size={tensor_parallel}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], key_prefix: str = "model.arch_config") -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ModelConfigError(
+                f"{key_prefix}: unknown key(s) {unknown}; known keys: {sorted(names)}"
+            )
+        config = cls(**dict(values))
+        config.validate(key_prefix=key_prefix)
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_precision(precision: Any) -> torch.dtype:
+    key = str(precision).lower()
+    if key not in _DTYPES:
+        raise ModelConfigError(f"trainer.precision: unsupported value {precision!r}; use 32 or bf16")
+    return _DTYPES[key]
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU (the tanh approximation, HF's 'gelu_new')."""
+    return F.gelu(x, approximate="tanh")
+
+
+def to_transformer_config(config: ModelConfig, dtype: torch.dtype, tensor_parallel: int, pipeline_parallel: int):
+    """Build megatron's TransformerConfig; fusions that need apex/TE are off on CPU."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from aligner.compat.optional import transformer_engine_usable
+
+    fused = transformer_engine_usable()
+    llama = config.is_llama
+    return TransformerConfig(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.kv_heads,
+        kv_channels=config.head_dim,
+        normalization="RMSNorm" if llama else "LayerNorm",
+        layernorm_epsilon=config.norm_eps,
+        gated_linear_unit=llama,
+        activation_func=F.silu if llama else gelu_tanh,
+        add_bias_linear=not llama,
+        add_qkv_bias=not llama,
+        hidden_dropout=config.hidden_dropout,
+        attention_dropout=config.attention_dropout,
+        init_method_std=config.init_method_std,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        attention_softmax_in_fp32=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=fused and not llama,
+        masked_softmax_fusion=fused,
+        persist_layer_norm=fused,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=fused,
+        # Losses are sums divided by the global token (or pair) count: exact across DP layouts.
+        calculate_per_token_loss=True,
+    )

@@ -1,0 +1,99 @@
+"""Build megatron-core GPTModels (policy, and a scalar-head variant for critics/reward models).
+
+The layer spec is TransformerEngine's when TE is importable on a CUDA machine, else
+megatron's local spec (pure PyTorch), which is what runs on CPU.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aligner.models.config import ModelConfig, to_transformer_config
+
+
+def layer_spec(config: ModelConfig, use_transformer_engine: bool | None = None):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from aligner.compat.optional import require, transformer_engine_usable
+
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_usable()
+    if use_transformer_engine:
+        require("transformer_engine", "model.transformer_engine")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if config.is_llama else "LayerNorm")
+
+
+class ScalarHead(nn.Module):
+    """hidden [S,B,H] -> one value per position [S,B,1]; replaces the vocabulary projection.
+
+    It mimics the output layer's call signature so GPTModel's post-processing can use it. It is
+    replicated (not split) across tensor-parallel ranks: its input is identical on all of them.
+    """
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.sequence_parallel = False
+
+    def forward(self, hidden, weight=None, runtime_gather_output=None):
+        return torch.nn.functional.linear(hidden, self.weight, self.bias), None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix=""), prefix, {}, sharded_offsets)
+
+
+def build_gpt(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    scalar_head: bool = False,
+    use_transformer_engine: bool | None = None,
+):
+    """A GPTModel for this rank's pipeline stage. `scalar_head=True` gives a critic/RM trunk."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config.validate(tensor_parallel)
+    tconfig = to_transformer_config(config, dtype, tensor_parallel, pipeline_parallel)
+    post_process = parallel_state.is_pipeline_last_stage()
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(config, use_transformer_engine),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=config.tie_word_embeddings and not scalar_head,
+        position_embedding_type="rope" if config.is_llama else "learned_absolute",
+        rotary_base=config.rope_theta,
+    )
+    if scalar_head and post_process:
+        model.output_layer = ScalarHead(config.hidden_size, torch.float32)
+    model = model.to(dtype)
+    if scalar_head and post_process:
+        model.output_layer.float()  # the value head stays fp32: values feed GAE and BT losses
+    return model
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    """[B,S] -> [B,S] positions 0..S-1 (sequences are right-padded, so no offsets)."""
+    batch, seq = tokens.shape
+    return torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+
+
+def causal_attention_mask(seq: int, device) -> torch.Tensor:
+    """[1,1,S,S] bool, True where attention is NOT allowed (megatron's convention)."""
+    return torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1).view(1, 1, seq, seq)
+
+
+def unwrap(model):
+    """Strip DDP / Float16 wrappers down to the GPTModel."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
