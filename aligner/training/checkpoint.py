@@ -1,0 +1,226 @@
+"""Native (resumable) checkpoints: complete or absent, never half-written.
+
+Layout of one checkpoint, `<dir>/step_0000042/`:
+  weights/            megatron dist_checkpointing of model + optimizer (reshardable across TP/PP/DP)
+  trainer_state.json  step, data position, LR-scheduler state, model config, run metadata
+  rng/rank_00000.pt   every RNG stream of each rank (python, torch, CUDA, megatron TP tracker)
+  COMPLETE            written last, before the directory gets its final name
+
+Saving writes `step_N.partial/`, and only after every rank has finished does rank 0 add the
+marker and rename it, so an interruption at any moment leaves the last good checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("aligner.checkpoint")
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def list_complete(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_complete(root: str | os.PathLike) -> Path | None:
+    complete = list_complete(root)
+    return complete[-1][1] if complete else None
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_state(model, optimizer, is_loading: bool, skip_prefixes: tuple[str, ...] = ()) -> dict:
+    from aligner.models.gpt import unwrap
+
+    model_sd = unwrap(model).sharded_state_dict()
+    if skip_prefixes:
+        model_sd = {k: v for k, v in model_sd.items() if not k.startswith(skip_prefixes)}
+    state = {"model": model_sd}
+    if optimizer is not None:
+        if getattr(optimizer.config, "use_distributed_optimizer", False):
+            # The default layout fails on this megatron version; dp_reshardable round-trips.
+            state["optimizer"] = optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+            )
+        else:
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return state
+
+
+def save(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict, keep_last: int | None = 2) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / step_dir_name(step)
+    partial = root / (step_dir_name(step) + ".partial")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "weights").mkdir(parents=True)
+        (partial / "rng").mkdir()
+    _barrier()
+    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(partial / "weights"))
+    torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        _write_json_atomic(partial / STATE_FILE, {**trainer_state, "step": step})
+        (partial / MARKER).write_text("ok\n")
+        _fsync_dir(partial)
+        if final.exists():  # re-saving the same step: replace only after the new one is whole
+            stale = root / (final.name + ".stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.rename(final, stale)
+            os.rename(partial, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.rename(partial, final)
+        _fsync_dir(root)
+        if keep_last:
+            for _, old in list_complete(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    check_complete(path)
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({exc})") from exc
+
+
+def check_complete(path: Path) -> None:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {MARKER} marker): it was interrupted while saving. "
+            f"Use an earlier checkpoint from {path.parent}"
+        )
+    for needed in (STATE_FILE, "weights"):
+        if not (path / needed).exists():
+            raise CheckpointError(f"checkpoint {path} is missing {needed}")
+
+
+def load(path: str | os.PathLike, model, optimizer=None, load_rng: bool = True,
+         skip_prefixes: tuple[str, ...] = ()) -> dict:
+    """Collective: restore weights (+ optimizer state, + this rank's RNG). Returns trainer state.
+
+    `skip_prefixes` leaves those parameters as initialised (e.g. a fresh value head on an SFT trunk).
+    """
+    from megatron.core import dist_checkpointing
+
+    from aligner.models.gpt import unwrap
+
+    path = Path(path)
+    state = read_trainer_state(path)
+    try:
+        loaded = dist_checkpointing.load(
+            _sharded_state(model, optimizer, is_loading=True, skip_prefixes=skip_prefixes), str(path / "weights")
+        )
+    except Exception as exc:
+        raise CheckpointError(
+            f"could not load weights from {path / 'weights'}: {exc}. Is it a checkpoint of the same "
+            f"model architecture (model.arch_config)?"
+        ) from exc
+    missing, unexpected = unwrap(model).load_state_dict(loaded["model"], strict=not skip_prefixes)
+    left_out = [k for k in missing if not k.startswith(skip_prefixes) and not k.endswith("_extra_state")]
+    if left_out or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model: missing {left_out[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}")
+    if optimizer is not None:
+        with torch.no_grad():  # fp32 main params are views of leaves: in-place copy needs no_grad
+            optimizer.load_state_dict(loaded["optimizer"])
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    if load_rng and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def load_weights_only(path: str | os.PathLike, model, skip_prefixes: tuple[str, ...] = ()) -> dict:
+    """Initialise a model from a native checkpoint (e.g. SFT -> RM), ignoring optimizer and RNG."""
+    return load(path, model, optimizer=None, load_rng=False, skip_prefixes=skip_prefixes)
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
