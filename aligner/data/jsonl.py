@@ -8,9 +8,9 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
+from aligner.data.atomic_io import open_atomic
 from aligner.data.errors import DataFileNotFoundError, DataFormatError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -102,27 +102,14 @@ def _as_tuple(types: Union[type, Tuple[type, ...]]) -> Tuple[type, ...]:
 
 
 def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> int:
-    """Write ``records`` one per line, atomically; return the number written.
+    """Write ``records`` one JSON object per line, atomically; return the number written.
 
-    The file is written to a temporary sibling and moved into place with ``os.replace`` so
-    that a crash never leaves a half-written file that a later run would silently read.
+    Non-ASCII text is written as UTF-8 rather than ``\\u`` escapes so files stay readable.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False))
-                f.write("\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with open_atomic(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, allow_nan=False))
+            f.write("\n")
+            count += 1
     return count

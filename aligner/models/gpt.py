@@ -33,12 +33,12 @@ class ScalarHead(nn.Module):
 
     def __init__(self, hidden_size: int, dtype: torch.dtype):
         super().__init__()
+        # No bias, like Hugging Face's *ForSequenceClassification `score`, so exports are exact.
         self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(1, dtype=dtype))
         self.sequence_parallel = False
 
     def forward(self, hidden, weight=None, runtime_gather_output=None):
-        return torch.nn.functional.linear(hidden, self.weight, self.bias), None
+        return torch.nn.functional.linear(hidden, self.weight), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint

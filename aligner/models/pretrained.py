@@ -27,7 +27,7 @@ def detect_format(path: str) -> tuple[str, Path]:
     config = root / "config.json"
     if config.is_file():
         try:
-            model_type = json.loads(config.read_text()).get("model_type")
+            json.loads(config.read_text())
         except json.JSONDecodeError as exc:
             raise PretrainedFormatError(f"{config}: not valid JSON ({exc})") from exc
         return "hf", root

@@ -18,7 +18,6 @@ never JSON.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +28,11 @@ API_VERSION = "v1"
 
 # Bodies are raw safetensors bytes; the type is generic so proxies do not try to be helpful.
 CONTENT_TYPE = "application/octet-stream"
+
+# train and save must carry this header: one key per logical request, reused on its retries.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Set on a response that repeats a recorded result instead of running the handler again.
+REPLAY_HEADER = "Idempotent-Replay"
 
 # safetensors prefixes the JSON header with its length as a little-endian u64.
 _HEADER_LEN_BYTES = 8
@@ -362,7 +366,3 @@ def metrics_from_results(results: Mapping[str, Any]) -> dict[str, float]:
             raise ProtocolError(400, f"train metric {key!r} is {value!r}, not a number")
         metrics[key] = float(value)
     return metrics
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -105,9 +105,20 @@ def _sharded_state(model, optimizer, is_loading: bool, skip_prefixes: tuple[str,
     return state
 
 
+def optimizer_has_state(optimizer) -> bool:
+    """Adam moments exist only after the first step; a step-0 checkpoint has none to save."""
+    if optimizer is None:
+        return False
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(len(part.optimizer.state) > 0 for part in parts)
+
+
 def save(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict, keep_last: int | None = 2) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     from megatron.core import dist_checkpointing
+
+    if not optimizer_has_state(optimizer):
+        optimizer = None
 
     root = Path(root)
     final = root / step_dir_name(step)
@@ -122,7 +133,8 @@ def save(root: str | os.PathLike, step: int, model, optimizer, trainer_state: di
     torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
-        _write_json_atomic(partial / STATE_FILE, {**trainer_state, "step": step})
+        _write_json_atomic(partial / STATE_FILE, {**trainer_state, "step": step,
+                                                  "has_optimizer_state": optimizer is not None})
         (partial / MARKER).write_text("ok\n")
         _fsync_dir(partial)
         if final.exists():  # re-saving the same step: replace only after the new one is whole
@@ -176,6 +188,8 @@ def load(path: str | os.PathLike, model, optimizer=None, load_rng: bool = True,
 
     path = Path(path)
     state = read_trainer_state(path)
+    if not state.get("has_optimizer_state", False):
+        optimizer = None  # e.g. a step-0 checkpoint: the optimizer starts fresh, as it did then
     try:
         loaded = dist_checkpointing.load(
             _sharded_state(model, optimizer, is_loading=True, skip_prefixes=skip_prefixes), str(path / "weights")

@@ -1,0 +1,120 @@
+"""Supervised fine-tuning data: prompt/answer pairs with a mask over the answer tokens.
+
+Accepted record shapes (detected per line): ``{"prompt": ..., "answer": ...}`` and
+``{"input": ..., "output": ...}`` (the NeMo-Aligner SFT field names).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.data import Dataset
+
+from aligner.data.errors import DataFormatError
+from aligner.data.jsonl import PathLike, iter_jsonl
+from aligner.data.tokenizer import Tokenizer
+from aligner.data.truncation import (
+    apply_prompt_template,
+    check_prompt_template,
+    check_truncation_mode,
+    fit_answer,
+    log_length_filtering,
+)
+
+SFT_KEY_PAIRS: Tuple[Tuple[str, str], ...] = (("prompt", "answer"), ("input", "output"))
+
+
+def read_sft_pair(record: dict, path: str, line: int) -> Tuple[str, str]:
+    """The ``(prompt, answer)`` strings of one SFT record, whichever key pair it uses."""
+    for prompt_key, answer_key in SFT_KEY_PAIRS:
+        if prompt_key in record and answer_key in record:
+            prompt, answer = record[prompt_key], record[answer_key]
+            for key, value in ((prompt_key, prompt), (answer_key, answer)):
+                if not isinstance(value, str):
+                    raise DataFormatError(path, f"field {key!r} must be a string, got {type(value).__name__}", line)
+            return prompt, answer
+    accepted = " or ".join("{%s}" % ", ".join(repr(k) for k in pair) for pair in SFT_KEY_PAIRS)
+    raise DataFormatError(path, f"expected fields {accepted}; the record has {sorted(record) or 'no fields'}", line)
+
+
+class SFTDataset(Dataset):
+    """Tokenized prompt/answer samples, all held in memory.
+
+    Item: ``{"tokens": LongTensor[L], "loss_mask": BoolTensor[L]}`` with ``L <= max_seq_length``.
+    ``loss_mask[i]`` is True iff token ``i`` belongs to the answer (including the final eos).
+    A causal LM predicts token ``i`` from tokens ``< i``, so trainers pair ``loss_mask[1:]``
+    with targets ``tokens[1:]`` (``collate_sft`` does this shift).
+
+    Prompt and answer are tokenized separately and concatenated, so the mask boundary is
+    exact even where BPE would merge across it; the answer text should carry its own
+    leading space if one is wanted.
+
+    Over-long samples: ``truncation="truncate"`` cuts the end of the answer (the eos is
+    lost; at least one answer token is kept, otherwise the sample is dropped),
+    ``"drop"`` drops the sample. ``num_truncated`` and ``num_dropped`` count them.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        tokenizer: Tokenizer,
+        max_seq_length: int,
+        prompt_template: Optional[str] = None,
+        truncation: str = "truncate",
+        add_eos: bool = True,
+        add_bos: bool = False,
+    ):
+        self.path = os.fspath(path)
+        self.max_seq_length = int(max_seq_length)
+        if self.max_seq_length < 2:
+            raise ValueError(f"model.data.max_seq_length={max_seq_length} must be at least 2")
+        self.truncation = check_truncation_mode(truncation)
+        self.prompt_template = check_prompt_template(prompt_template)
+        self.num_truncated = 0
+        self.num_dropped = 0
+        self._samples: List[Tuple[torch.Tensor, int]] = []  # (tokens [L], prompt length)
+
+        total = 0
+        for line, record in iter_jsonl(self.path):
+            prompt, answer = read_sft_pair(record, self.path, line)
+            total += 1
+            prompt_ids = tokenizer.encode(apply_prompt_template(self.prompt_template, prompt), add_bos=add_bos)
+            answer_ids = tokenizer.encode(answer)
+            if add_eos:
+                answer_ids.append(tokenizer.eos_id)
+            if not answer_ids:
+                raise DataFormatError(self.path, "the answer is empty, so there is nothing to train on", line)
+            if len(prompt_ids) + len(answer_ids) > self.max_seq_length:
+                fitted = fit_answer(len(prompt_ids), answer_ids, self.max_seq_length)
+                if self.truncation == "drop" or fitted is None:
+                    self.num_dropped += 1
+                    continue
+                answer_ids = fitted
+                self.num_truncated += 1
+            tokens = torch.tensor(prompt_ids + answer_ids, dtype=torch.long)
+            self._samples.append((tokens, len(prompt_ids)))
+
+        log_length_filtering(
+            self.path, total, self.num_truncated, self.num_dropped, self.max_seq_length, self.truncation
+        )
+        if not self._samples:
+            reason = (
+                f"all {total} samples are longer than model.data.max_seq_length={self.max_seq_length}"
+                if total
+                else "it contains no records"
+            )
+            raise DataFormatError(self.path, f"no usable SFT samples: {reason}")
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        tokens, prompt_len = self._samples[index]
+        loss_mask = torch.zeros(tokens.numel(), dtype=torch.bool)
+        loss_mask[prompt_len:] = True
+        return {"tokens": tokens, "loss_mask": loss_mask}
+
+    def lengths(self) -> List[int]:
+        """Token count of every sample, e.g. for length-grouped batching."""
+        return [tokens.numel() for tokens, _ in self._samples]

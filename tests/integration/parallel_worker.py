@@ -1,0 +1,80 @@
+"""Worker for the TP/DP parity tests (run under torchrun by test_parallel_parity.py).
+
+modes:
+  init   OUT          TP=1: build a tiny Llama, save a native checkpoint and reference logits
+  logits CKPT REF     load CKPT at TP=world, compare gathered logits with REF (max abs diff printed)
+  step   CKPT OUT     load CKPT at DP=world, one optimizer step on a fixed global batch, save weights
+"""
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from aligner.distributed import setup as dist_setup
+from aligner.models.config import ModelConfig
+from aligner.models.gpt import build_gpt, position_ids_for, unwrap
+from aligner.training import checkpoint
+from aligner.training.optim import OptimSettings, build_optimizer, wrap_data_parallel
+from aligner.training.step import split_micro_batches, train_step
+from aligner.trainers.sft import SFTLoss
+
+CONFIG = ModelConfig(arch="llama", vocab_size=128, hidden_size=64, ffn_hidden_size=128, num_layers=2,
+                     num_attention_heads=4, num_query_groups=2, max_position_embeddings=64)
+SETTINGS = OptimSettings.from_config({"lr": 1e-2, "weight_decay": 0.01, "sched": {"name": "Constant"}},
+                                     max_steps=10, gradient_clip_val=1.0)
+GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 16
+
+
+def fixed_tokens(n: int) -> torch.Tensor:
+    return torch.randint(0, CONFIG.vocab_size, (n, SEQ), generator=torch.Generator().manual_seed(7))
+
+
+def full_state(model) -> dict:
+    return {k: v.detach().clone().float().contiguous() for k, v in unwrap(model).state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
+def main() -> None:
+    mode, args = sys.argv[1], sys.argv[2:]
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    tp = world if mode == "logits" else 1
+    layout = dist_setup.initialize(tp, 1, seed=11)
+    model = build_gpt(CONFIG, torch.float32, tensor_parallel=tp)
+    if mode == "init":
+        ddp = wrap_data_parallel(model, SETTINGS)
+        optimizer, scheduler = build_optimizer(ddp, SETTINGS, torch.float32)
+        checkpoint.save(args[0], 0, ddp, optimizer, {"model_config": CONFIG.to_dict()})
+        tokens = fixed_tokens(4)
+        with torch.no_grad():
+            logits = model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
+        save_file({"tokens": tokens, "logits": logits.contiguous()}, args[0] + "/reference.safetensors")
+        save_file(full_state(model), args[0] + "/initial.safetensors")
+    elif mode == "logits":
+        checkpoint.load_weights_only(args[0], model)
+        ref = load_file(args[1])
+        with torch.no_grad():
+            logits = model(ref["tokens"], position_ids_for(ref["tokens"]), None, runtime_gather_output=True)
+        diff = (logits - ref["logits"]).abs().max().item()
+        print(f"rank {layout.rank} tp={tp} max_abs_logit_diff={diff:.3e}", flush=True)
+        assert diff < 1e-5, diff
+    elif mode == "step":
+        ddp = wrap_data_parallel(model, SETTINGS)
+        optimizer, scheduler = build_optimizer(ddp, SETTINGS, torch.float32)
+        checkpoint.load(args[0], ddp, optimizer, load_rng=False)
+        tokens = fixed_tokens(GLOBAL_BATCH)
+        labels = torch.roll(tokens, -1, dims=1)
+        mask = torch.ones_like(tokens, dtype=torch.float32)
+        mask[:, -1] = 0
+        mask[::3, :5] = 0  # uneven token counts per sample: exercises the global token normalisation
+        per_rank = GLOBAL_BATCH // layout.data_parallel
+        rows = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
+        batch = {"tokens": tokens[rows], "labels": labels[rows], "loss_mask": mask[rows]}
+        metrics = train_step(ddp, optimizer, scheduler, SFTLoss(), split_micro_batches(batch, MICRO_BATCH))
+        print(f"rank {layout.rank} dp={layout.data_parallel} loss={metrics['loss']:.8f}", flush=True)
+        if layout.rank == 0:
+            save_file(full_state(ddp), args[1])
+    dist_setup.shutdown()
+
+
+if __name__ == "__main__":
+    main()

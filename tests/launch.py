@@ -1,0 +1,39 @@
+"""Run a test script under a real launcher (torchrun, mpirun) as separate processes."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from aligner.distributed.launch_env import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "SLURM_", "PMI_"))}
+    env.update(OMP_NUM_THREADS="1", ALIGNER_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    env.update(extra)
+    return env
+
+
+def torchrun(script: str | Path, args: list[str] = (), nproc: int = 2, timeout: float = 300,
+             cwd: str | Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(**env),
+                          cwd=str(cwd or REPO))
+
+
+def mpirun_available() -> bool:
+    return shutil.which("mpirun") is not None
+
+
+def check(proc: subprocess.CompletedProcess) -> str:
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
+                             f"--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc.stdout
