@@ -62,7 +62,7 @@ def initialize(
     env: dict | None = None,
 ) -> ParallelLayout:
     """Initialise the process group (if needed), megatron's model-parallel groups and RNG."""
-    from megatron.core import parallel_state, tensor_parallel as mtp
+    from megatron.core import parallel_state
 
     launch: LaunchEnv = detect_launch_env(os.environ if env is None else env)
     use_cuda = torch.cuda.is_available()
@@ -88,9 +88,7 @@ def initialize(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
     )
-    # Same seed on every rank for replicated params; megatron offsets the TP-parallel stream.
-    torch.manual_seed(seed) if use_cuda else torch.default_generator.manual_seed(seed)
-    mtp.model_parallel_cuda_manual_seed(seed)
+    seed_everything(seed)
     layout = ParallelLayout(
         world_size=world,
         rank=dist.get_rank(),
@@ -109,6 +107,20 @@ def initialize(
             launch.launcher, world, tensor_parallel, pipeline_parallel, dp, dist.get_backend(),
         )
     return layout
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank for replicated params; megatron offsets the tensor-parallel stream."""
+    import random
+
+    from megatron.core import tensor_parallel as mtp
+
+    random.seed(seed)
+    if torch.cuda.is_available():
+        torch.manual_seed(seed)
+    else:  # torch.manual_seed would call the patched cuda seeding; seed the CPU generator directly
+        torch.default_generator.manual_seed(seed)
+    mtp.model_parallel_cuda_manual_seed(seed)
 
 
 def shutdown() -> None:

@@ -130,33 +130,21 @@ class CriticClient:
     def infer(self, tokens: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Values [B, S] (and rewards [B] if the server computes them) for right-padded
         tokens [B, S] with real lengths [B]."""
-        return self.infer_async(tokens, lengths).result()
+        return self._infer_call(*self._infer_request(tokens, lengths))
 
     def infer_async(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Future:
         """Like infer, but returns a Future at once; the tensors may be reused immediately."""
-        route = f"/{API_VERSION}/infer"
-        tensors = {"tokens": _as_dtype(tokens, torch.int64), "lengths": _as_dtype(lengths, torch.int64)}
-        dims = self._validate_locally(route, tensors, INFER_REQUEST)
-        body = encode_tensors(tensors)
-        return self._pool.submit(self._infer_call, route, body, dims)
+        return self._pool.submit(self._infer_call, *self._infer_request(tokens, lengths))
 
     def train(self, tensors: Mapping[str, torch.Tensor], idempotency_key: str) -> dict[str, float]:
         """One critic update on {tokens, lengths, returns, prev_values, mask}; returns the
         server's metrics. Use a key that names the logical update (e.g. "step12-mb3") so a
         restarted actor does not train twice either."""
-        return self.train_async(tensors, idempotency_key).result()
+        return self._train_call(*self._train_request(tensors, idempotency_key))
 
     def train_async(self, tensors: Mapping[str, torch.Tensor], idempotency_key: str) -> Future:
-        route = f"/{API_VERSION}/train"
-        if not idempotency_key:
-            raise ValueError("train needs a non-empty idempotency_key")
-        wire = {
-            name: _as_dtype(t, torch.int64 if name in ("tokens", "lengths") else torch.float32)
-            for name, t in tensors.items()
-        }
-        self._validate_locally(route, wire, TRAIN_REQUEST)
-        body = encode_tensors(wire)
-        return self._pool.submit(self._train_call, route, body, idempotency_key)
+        """Like train, but returns a Future at once; the tensors may be reused immediately."""
+        return self._pool.submit(self._train_call, *self._train_request(tensors, idempotency_key))
 
     def save(self, step: int, path: str | None = None, idempotency_key: str | None = None) -> dict:
         """Ask the server to checkpoint the critic; returns the server's description of it."""
@@ -196,7 +184,24 @@ class CriticClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    # -- calls -------------------------------------------------------------------------------
+    # -- calls: requests are built (validated, serialised) in the caller's thread -------------
+
+    def _infer_request(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        route = f"/{API_VERSION}/infer"
+        tensors = {"tokens": _as_dtype(tokens, torch.int64), "lengths": _as_dtype(lengths, torch.int64)}
+        dims = self._validate_locally(route, tensors, INFER_REQUEST)
+        return route, encode_tensors(tensors), dims
+
+    def _train_request(self, tensors: Mapping[str, torch.Tensor], key: str):
+        route = f"/{API_VERSION}/train"
+        if not key:
+            raise ValueError("train needs a non-empty idempotency_key")
+        wire = {
+            name: _as_dtype(t, torch.int64 if name in ("tokens", "lengths") else torch.float32)
+            for name, t in tensors.items()
+        }
+        self._validate_locally(route, wire, TRAIN_REQUEST)
+        return route, encode_tensors(wire), key
 
     def _infer_call(self, route: str, body: bytes, dims: dict[str, int]) -> dict[str, torch.Tensor]:
         response = self._request("POST", route, body)

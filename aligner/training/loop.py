@@ -57,14 +57,26 @@ def validation_batches(run: Run, dataset, limit_batches: int | None) -> list[lis
     return batches
 
 
-def run_validation(run: Run, loss: MicroBatchLoss, data: LoopData, index_batches: list[list[int]]) -> dict[str, float]:
+def run_validation(run: Run, loss: MicroBatchLoss, data: LoopData, index_batches: list[list[int]],
+                   prepare: Callable[[list[dict]], list[dict]] | None = None) -> dict[str, float]:
     items = [data.validation[i] for batch in index_batches for i in batch]
     micro = micro_batches_for(items, run.micro_batch_size, data)
-    return evaluate(run.model, loss, micro)
+    return evaluate(run.model, loss, prepare(micro) if prepare else micro)
 
 
-def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str] = ()) -> dict[str, float]:
-    """Train to trainer.<algo>.max_steps; returns the last validation metrics."""
+def _endless(sampler):
+    while True:  # each pass is one epoch; the sampler reshuffles with seed + epoch
+        yield from sampler
+
+
+def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str] = (),
+        on_train_end: Callable[[], dict] | None = None,
+        prepare: Callable[[list[dict]], list[dict]] | None = None) -> dict[str, float]:
+    """Train to trainer.<algo>.max_steps; returns the last validation metrics.
+
+    `prepare` runs on every list of micro-batches before use (e.g. DPO adds reference log-probs).
+    `on_train_end` may return extra state (e.g. reward standardisation) for the final checkpoint.
+    """
     from aligner.data.samplers import DistributedResumableSampler
 
     cfg = run.loop_cfg
@@ -74,7 +86,7 @@ def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str]
     )
     if run.resume_state.get("sampler"):
         sampler.load_state_dict(run.resume_state["sampler"])
-    batches = iter(sampler)
+    batches = _endless(sampler)
     val_every = int(cfg.val_check_interval or 0)
     save_every = int(cfg.save_interval or 0)
     val_index = (validation_batches(run, data.validation, cfg.get("limit_val_batches"))
@@ -85,7 +97,7 @@ def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str]
         nonlocal last_val
         if not val_index:
             return
-        last_val = run_validation(run, loss, data, val_index)
+        last_val = run_validation(run, loss, data, val_index, prepare)
         run.metrics.log(run.step, {f"val/{k}": v for k, v in last_val.items()})
         if run.is_rank_zero:
             log.info("step %d validation: %s", run.step, _fmt(last_val))
@@ -99,6 +111,8 @@ def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str]
         indices = next(batches)
         items = [data.train[i] for i in indices]
         micro = micro_batches_for(items, run.micro_batch_size, data)
+        if prepare:
+            micro = prepare(micro)
         metrics = train_step(run.model, run.optimizer, run.scheduler, loss, micro)
         run.step += 1
         elapsed = time.perf_counter() - t0
@@ -114,7 +128,8 @@ def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str]
     bar.close()
     if val_every and run.step % val_every != 0:
         validate()
-    run.save_checkpoint({"sampler": sampler.state_dict()})
+    extra = on_train_end() if on_train_end else {}
+    run.save_checkpoint({"sampler": sampler.state_dict(), **extra})
     if run.is_rank_zero:
         keys = list(plot_keys) or sorted(run.metrics.history)
         path = plot_curves(run.metrics.history, run.log_dir / "curves.png", keys, title=run.algorithm)

@@ -33,6 +33,9 @@ def configure_logging(rank: int) -> None:
                         stream=sys.stdout, force=True)
     import warnings
 
+    # megatron logs every parameter name and its whole optimizer config at INFO.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
     warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
     warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="megatron")

@@ -90,7 +90,7 @@ def train_step(model, optimizer, scheduler, loss: MicroBatchLoss, micro_batches:
     update_ok, grad_norm, _ = optimizer.step()
     if update_ok:
         scheduler.step(increment=1)
-    metrics = reduce_metrics(records, loss.metric_names)
+    metrics = _finalize(loss, reduce_metrics(records, loss.metric_names))
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = float(optimizer.param_groups[0]["lr"])
     metrics["update_skipped"] = float(not update_ok)
@@ -106,7 +106,13 @@ def evaluate(model, loss: MicroBatchLoss, micro_batches: list[dict]) -> dict[str
         records = _run_schedule(model, loss, micro_batches, forward_only=True)
     finally:
         model.train(was_training)
-    return reduce_metrics(records, loss.metric_names)
+    return _finalize(loss, reduce_metrics(records, loss.metric_names))
+
+
+def _finalize(loss: MicroBatchLoss, metrics: dict[str, float]) -> dict[str, float]:
+    """Optional hook: derive metrics that are not plain means (e.g. a std from two means)."""
+    finalize = getattr(loss, "finalize_metrics", None)
+    return finalize(metrics) if finalize else metrics
 
 
 def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
@@ -117,3 +123,20 @@ def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
         out.append({k: (v[start:start + micro_batch_size] if isinstance(v, torch.Tensor) else v)
                     for k, v in batch.items()})
     return out
+
+
+@torch.no_grad()
+def collect_forward(model, loss: MicroBatchLoss, micro_batches: list[dict]) -> list[dict] | None:
+    """Forward-only pass returning each micro-batch's raw per-row outputs (the `sums` dict).
+
+    Only the last pipeline stage has outputs; other stages get None (they never need them).
+    """
+    from megatron.core import parallel_state
+
+    was_training = model.training
+    model.eval()
+    try:
+        records = _run_schedule(model, loss, micro_batches, forward_only=True)
+    finally:
+        model.train(was_training)
+    return list(records) if parallel_state.is_pipeline_last_stage() else None

@@ -1,21 +1,12 @@
-"""Supervised fine-tuning of a GPT policy.
+"""Supervised fine-tuning of a GPT policy (answer tokens only).
 
-    python examples/nlp/gpt/train_gpt_sft.py model.data.train_ds.file_path=... trainer.sft.max_steps=100
+    python examples/nlp/gpt/train_gpt_sft.py [hydra overrides, e.g. trainer.devices=1 model.micro_batch_size=4]
     torchrun --nproc_per_node 2 examples/nlp/gpt/train_gpt_sft.py model.tensor_model_parallel_size=2
 """
-from pathlib import Path
-
-import hydra
-
 from aligner.trainers import sft
+from aligner.training.entry import hydra_entry
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
-
-
-@hydra.main(config_path=str(CONF), config_name="gpt_sft", version_base=None)
-def main(cfg) -> None:
-    sft.train(cfg, CONF / "gpt_sft.yaml")
-
+main = hydra_entry("gpt_sft", sft.train)
 
 if __name__ == "__main__":
     main()
