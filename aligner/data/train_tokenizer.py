@@ -23,6 +23,9 @@ from aligner.data.jsonl import PathLike, check_file_exists, iter_jsonl
 from aligner.data.tokenizer import Tokenizer
 
 SPECIAL_TOKEN = "<|endoftext|>"
+# A pad distinct from eos: Hugging Face sequence classifiers score the last non-pad token,
+# which must be the eos our reward models are trained to score.
+PAD_TOKEN = "<|pad|>"
 _NUM_BYTES = 256
 
 
@@ -31,7 +34,7 @@ def train_bpe_tokenizer(
 ) -> Tokenizer:
     """Train byte-level BPE on ``texts`` and save it to ``out_dir``; return it loaded back.
 
-    ``<|endoftext|>`` is the only special token and serves as bos, eos and pad, as in GPT-2.
+    ``<|endoftext|>`` serves as bos and eos, as in GPT-2; ``<|pad|>`` pads.
     The result depends only on the texts (in order), ``vocab_size`` and ``min_frequency``.
     ``vocab_size`` is an upper bound: a small corpus may run out of pairs that occur at least
     ``min_frequency`` times before reaching it.
@@ -55,7 +58,7 @@ def train_bpe_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[SPECIAL_TOKEN],
+        special_tokens=[SPECIAL_TOKEN, PAD_TOKEN],
         # All 256 byte symbols, even ones absent from the corpus, so nothing is ever unknown.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -65,7 +68,7 @@ def train_bpe_tokenizer(
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     write_text_atomic(os.path.join(out_dir, "tokenizer.json"), raw.to_str(pretty=True))
-    specials = {"bos_token": SPECIAL_TOKEN, "eos_token": SPECIAL_TOKEN, "pad_token": SPECIAL_TOKEN}
+    specials = {"bos_token": SPECIAL_TOKEN, "eos_token": SPECIAL_TOKEN, "pad_token": PAD_TOKEN}
     config = {
         # PreTrainedTokenizerFast (not transformers 5's TokenizersBackend) loads in 4.x and 5.x.
         "tokenizer_class": "PreTrainedTokenizerFast",

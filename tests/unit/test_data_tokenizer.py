@@ -6,7 +6,7 @@ import pytest
 
 from aligner.data.errors import DataFormatError
 from aligner.data.tokenizer import Tokenizer
-from aligner.data.train_tokenizer import SPECIAL_TOKEN, main, train_bpe_tokenizer
+from aligner.data.train_tokenizer import PAD_TOKEN, SPECIAL_TOKEN, main, train_bpe_tokenizer
 
 CORPUS = [
     "The movie was a delight from start to finish.",
@@ -34,7 +34,8 @@ def test_transformers_autotokenizer_loads_the_directory(tok_dir):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-    assert hf.eos_token == hf.bos_token == hf.pad_token == SPECIAL_TOKEN
+    assert hf.eos_token == hf.bos_token == SPECIAL_TOKEN
+    assert hf.pad_token == PAD_TOKEN and hf.pad_token_id != hf.eos_token_id
     assert len(hf) > 256
     text = "The movie was great."
     assert hf.encode(text, add_special_tokens=False) == Tokenizer.from_pretrained(tok_dir).encode(text)
@@ -43,8 +44,9 @@ def test_transformers_autotokenizer_loads_the_directory(tok_dir):
 def test_special_ids_and_vocab_size(tok_dir):
     tok = Tokenizer.from_pretrained(tok_dir)
     special = json.loads((tok_dir / "tokenizer.json").read_text())["added_tokens"]
-    assert [t["content"] for t in special] == [SPECIAL_TOKEN]
-    assert tok.eos_id == tok.bos_id == tok.pad_id == special[0]["id"]
+    assert [t["content"] for t in special] == [SPECIAL_TOKEN, PAD_TOKEN]
+    assert tok.eos_id == tok.bos_id == special[0]["id"]
+    assert tok.pad_id == special[1]["id"] != tok.eos_id
     vocab = json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]
     assert tok.vocab_size == len(vocab) <= 320
     assert tok.vocab_size > 257  # learned merges beyond the 256 bytes + special token

