@@ -38,6 +38,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
+XX
 
     @property
     def is_llama(self) -> bool:
@@ -62,6 +63,8 @@ class ModelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(key, f"must be a positive integer, got {value!r}")
+        if self.attention_backend not in ("sdpa", "local"):
+            bad("attention_backend", f"unsupported {self.attention_backend!r}; use sdpa or local")
         if self.hidden_size % self.num_attention_heads:
             bad("hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
         if self.num_attention_heads % self.kv_heads:

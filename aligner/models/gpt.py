@@ -21,7 +21,12 @@ def layer_spec(config: ModelConfig, use_transformer_engine: bool | None = None):
     if use_transformer_engine:
         require("transformer_engine", "model.transformer_engine")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if config.is_llama else "LayerNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if config.is_llama else "LayerNorm")
+    if config.attention_backend == "sdpa":
+        from aligner.models.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 class ScalarHead(nn.Module):

@@ -24,7 +24,7 @@ log = logging.getLogger("aligner")
 # Keys of cfg.model that describe the network (NeMo-style: they sit directly under `model`).
 ARCH_KEYS = ("arch", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
              "num_query_groups", "max_position_embeddings", "rope_theta", "norm_eps", "tie_word_embeddings",
-             "hidden_dropout", "attention_dropout", "init_method_std")
+             "hidden_dropout", "attention_dropout", "init_method_std", "attention_backend")
 
 
 def configure_logging(rank: int) -> None:
