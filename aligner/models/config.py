@@ -38,7 +38,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
-XX
+    attention_backend: str = "sdpa"  # sdpa (torch fused kernel) | local (megatron unfused); TE replaces both on GPU
 
     @property
     def is_llama(self) -> bool:
