@@ -112,20 +112,19 @@ class Run:
         self.log_dir = Path(cfg.exp_manager.explicit_log_dir)
         self.checkpoint_dir = self.log_dir / "checkpoints"
         em = cfg.exp_manager
+        self.step = 0
+        self.resume_state: dict[str, Any] = {}
+        latest = checkpoint.latest_complete(self.checkpoint_dir) if bool(em.resume_if_exists) else None
+        if latest is not None:
+            self.resume_state = checkpoint.load(latest, self.model, self.optimizer)
+            self.step = int(self.resume_state["step"])
+            self.scheduler.load_state_dict(self.resume_state["scheduler"])
+            log.info("resumed from %s at step %d", latest, self.step)
         self.metrics = MetricsLogger(
             self.log_dir, cfg.get("name", algorithm), csv=bool(em.create_csv_logger),
             tensorboard=bool(em.create_tensorboard_logger), wandb=bool(em.create_wandb_logger),
-            wandb_kwargs=to_plain(em.wandb_logger_kwargs), hparams=_flatten(to_plain(cfg)),
+            wandb_kwargs=to_plain(em.wandb_logger_kwargs), hparams=_flatten(to_plain(cfg)), start_step=self.step,
         )
-        self.step = 0
-        self.resume_state: dict[str, Any] = {}
-        if bool(em.resume_if_exists):
-            latest = checkpoint.latest_complete(self.checkpoint_dir)
-            if latest is not None:
-                self.resume_state = checkpoint.load(latest, self.model, self.optimizer)
-                self.step = int(self.resume_state["step"])
-                self.scheduler.load_state_dict(self.resume_state["scheduler"])
-                log.info("resumed from %s at step %d", latest, self.step)
 
     def _init_weights(self, model) -> None:
         if self.pretrained_format == "native":

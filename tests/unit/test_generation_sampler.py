@@ -194,8 +194,11 @@ def test_kv_cache_matches_recomputation_and_row_by_row_reference(model, eos_bias
 
 
 def test_generator_logprobs_equal_a_separate_full_forward(model, eos_bias, prompts):
+    """Under the model's own distribution: EOS suppression (min_length) and temperature/top-k/top-p
+    change what is sampled, never the recorded log-probs."""
     eos_bias.value = 2.0
-    out = make_sampler(model).generate(*prompts, PARAMS["sampling"])
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_length=3, max_length=12, seed=123)
+    out = make_sampler(model).generate(*prompts, params)
     logsoftmax = torch.log_softmax(full_logits(model, out.tokens).double(), dim=-1)
     expected = logsoftmax[:, :-1].gather(-1, out.tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
     mask = out.response_mask()
@@ -323,3 +326,17 @@ def test_input_errors(model, prompts, monkeypatch):
     monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 2)
     with pytest.raises(NotImplementedError, match=r"model\.pipeline_model_parallel_size"):
         make_sampler(model)
+
+
+def test_gpt2_learned_positions_cache_matches_reference(model_and_bias, prompts):
+    """GPT-2 style models read position ids (RoPE models ignore them): the cached steps must pass
+    each token's true position."""
+    gpt2 = build_gpt(ModelConfig(arch="gpt2", vocab_size=96, hidden_size=32, ffn_hidden_size=64, num_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=True),
+                     torch.float32)
+    with torch.no_grad():
+        gpt2.embedding.position_embeddings.weight.mul_(50.0)  # make positions matter
+        gpt2.embedding.word_embeddings.weight.mul_(20.0)
+    params = SamplingParams(temperature=0.8, max_length=6, min_length=0, seed=4)
+    out = make_sampler(gpt2).generate(*prompts, params)
+    assert_matches_reference(out, reference_generate(gpt2, *prompts, params), *prompts)

@@ -144,6 +144,19 @@ def test_logits_match_transformers(case, tmp_path):
     assert diff < TOL
 
 
+@pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])
+def test_logits_match_with_megatron_local_attention(case, tmp_path):
+    """The same import under megatron's own unfused core attention (attention_backend=local)."""
+    path = save_hf_case(tmp_path, case)
+    tokens = random_tokens()
+    model, _ = ours(path, attention_backend="local")
+    with torch.no_grad():
+        want = make_hf_model(case)(tokens).logits
+    diff = (our_logits(model, tokens) - want).abs().max().item()
+    print(f"{case} (local attention): max |logit diff| = {diff:.2e}")
+    assert diff < TOL
+
+
 def test_config_mapping(tmp_path):
     from aligner.models.hf import convert
 

@@ -32,6 +32,14 @@ __all__ = ["HFFormatError", "model_config_from_hf", "load_hf_weights", "save_hf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+# TransformerEngine's layer spec fuses each pre-norm into the following linear layer; the local
+# spec (what layout.py names) keeps them as separate modules. Same tensors, other names.
+_TE_FUSED_NORMS = {
+    ".self_attention.linear_qkv.layer_norm_weight": ".input_layernorm.weight",
+    ".self_attention.linear_qkv.layer_norm_bias": ".input_layernorm.bias",
+    ".mlp.linear_fc1.layer_norm_weight": ".pre_mlp_layernorm.weight",
+    ".mlp.linear_fc1.layer_norm_bias": ".pre_mlp_layernorm.bias",
+}
 
 
 def model_config_from_hf(path: str | Path) -> ModelConfig:
@@ -105,7 +113,10 @@ def _layer_offset(model) -> int:
 
 
 def _global_name(local_name: str, offset: int) -> str:
-    """Local pipeline-stage name -> name with the layer numbered across the whole model."""
+    """Local pipeline-stage name -> local-spec name with the layer numbered across the whole model."""
+    for fused, plain in _TE_FUSED_NORMS.items():
+        if local_name.endswith(fused):
+            local_name = local_name[: -len(fused)] + plain
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local_name)
 
 

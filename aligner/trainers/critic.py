@@ -1,0 +1,534 @@
+"""PPO critic (+ reward model) server, model side: what every rank computes for infer/train/save.
+
+The critic is initialised from the reward model (RM) and keeps its scalar head. Three modes:
+
+* ``critic+rm`` (``trainer.ppo.combine_rm_and_critic_server=true``): the RM weights are parked
+  in host memory at start-up, *before* any resume, so they stay the RM's whatever the critic
+  has learned since; infer swaps them in for the rewards (one network, two weight sets);
+* ``critic``: values only (the actor asks a separate RM server for rewards);
+* ``rm`` (``serve_reward_model.py``): rewards only. ``/v1/infer`` must carry ``values`` by
+  protocol, so this mode answers ``values`` = zeros ``[B, S]``; train is refused.
+
+Shapes: ``tokens`` int64 ``[B, S]`` right-padded, ``lengths`` int64 ``[B]`` (1..S);
+``values[b, t]`` is the value head's output at position t (having read tokens 0..t), 0 for
+``t >= lengths[b]``; ``rewards[b]`` is the RM head at the last real token ``lengths[b] - 1``,
+standardised ``(r - mean) / std`` when reward standardisation is on. Any B works: every rank
+takes its data-parallel share (``split_for_rank``), cuts it into micro-batches and pads the last
+one by repeating a row, so no batch size can crash a fixed-shape schedule.
+
+Train runs ``trainer.ppo.critic_epochs`` passes over ``trainer.ppo.critic_mini_batches``
+contiguous mini-batches of the request, one optimizer step each, minimising the clipped value
+loss ``0.5 * max((v - R)^2, (clip(v, v_old +- loss_clip_val) - R)^2)`` averaged over every
+masked token of the mini-batch on all data-parallel ranks (sum / global count, so DP=1 and DP=N
+make the same update). Positions at or beyond ``lengths`` never count, whatever ``mask`` says.
+
+Exactly-once training, and why it is enough across a process restart
+--------------------------------------------------------------------
+Within one server process the HTTP layer replays a retried ``Idempotency-Key`` from memory
+(aligner.serving.idempotency), and this module also remembers the keys it applied. A save
+records those keys and the count of applied train requests in the checkpoint. After a crash
+and restart with ``exp_manager.resume_if_exists`` the critic *is* the last checkpoint, so:
+
+* a retried key applied *before* that checkpoint is in the restored key list: it is answered
+  with its recorded metrics and not trained again (its effect is in the restored weights);
+* a retried key applied *after* that checkpoint is trained again, legitimately: its earlier
+  application died with the process, so the restored state has never seen it.
+
+Either way every train request is reflected exactly once in the state the server holds. The
+actor ties its own checkpoint to the critic's (``save(step)`` with the PPO step id), so a
+restarted actor replays exactly the requests after that step.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from aligner.models.gpt import position_ids_for
+from aligner.models.weight_swap import ParkedWeights
+from aligner.objectives.ppo import clipped_value_loss
+from aligner.serving.followers import gather_from_ranks, split_for_rank
+from aligner.trainers.reward_model import last_token_values
+from aligner.training import checkpoint
+from aligner.training.config_check import ConfigError
+from aligner.training.run import Run
+from aligner.training.step import collect_forward, split_micro_batches, train_step
+
+log = logging.getLogger("aligner.critic")
+
+MODES = ("critic+rm", "critic", "rm")
+TOKEN_ENV = {"ppo": "ALIGNER_CRITIC_TOKEN", "rm_server": "ALIGNER_RM_TOKEN"}
+
+
+# --------------------------------------------------------------------------------------------
+# Micro-batch "losses" for megatron's schedule
+# --------------------------------------------------------------------------------------------
+
+
+def length_mask(lengths: torch.Tensor, seq: int) -> torch.Tensor:
+    """lengths [B] -> bool [B, S], True at positions t < lengths[b]."""
+    return torch.arange(seq, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+class TokenValues:
+    """Forward-only: hands back the head's output per position, ``values`` [mb, S] float32,
+    zero beyond each row's length (used for critic values and, with RM weights, rewards)."""
+
+    metric_names = ()
+
+    def forward(self, model, batch):
+        tokens = batch["tokens"]
+        output = model(tokens, position_ids_for(tokens), None)
+
+        def loss_fn(output):
+            values = output.reshape(tokens.shape).float()
+            values = values * length_mask(batch["lengths"], tokens.shape[1])
+            zero = torch.zeros((), device=values.device)
+            return zero, torch.ones((), dtype=torch.int, device=values.device), {"values": values}
+
+        return output, loss_fn
+
+
+class ClippedValueLoss:
+    """The critic's training loss on one micro-batch of {tokens, lengths, returns, prev_values,
+    mask}; ``mask`` [mb, S] is already 0/1 and 0 on padding rows and beyond lengths.
+
+    Returns (loss sum, masked-token count): megatron divides the gradient by the count summed
+    over micro-batches and data-parallel ranks, which makes the loss a global masked mean.
+    """
+
+    metric_names = ("value_loss", "value_clip_fraction")
+
+    def __init__(self, clip_val: float | None):
+        self.clip_val = clip_val
+
+    def forward(self, model, batch):
+        tokens = batch["tokens"]
+        output = model(tokens, position_ids_for(tokens), None)
+
+        def loss_fn(output):
+            values = output.reshape(tokens.shape).float()
+            mask = batch["mask"]
+            count = mask.sum()
+            mean, metrics = clipped_value_loss(values, batch["prev_values"], batch["returns"], mask, self.clip_val)
+            loss_sum = mean * count
+            sums = {
+                "value_loss": torch.stack([loss_sum.detach(), count]),
+                "value_clip_fraction": torch.stack([metrics["value_clip_fraction"] * count, count]),
+            }
+            return loss_sum, count.round().to(torch.int), sums
+
+        return output, loss_fn
+
+
+# --------------------------------------------------------------------------------------------
+# Batching (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def mini_batch_slices(batch_size: int, mini_batches: int) -> list[slice]:
+    """Contiguous row ranges of near-equal size (differing by at most one row).
+
+    Never more mini-batches than rows: a request smaller than trainer.ppo.critic_mini_batches
+    is trained in one-row mini-batches rather than rejected.
+    """
+    if batch_size < 1 or mini_batches < 1:
+        raise ValueError(f"need batch_size >= 1 and mini_batches >= 1, got {batch_size}, {mini_batches}")
+    count = min(mini_batches, batch_size)
+    base, extra = divmod(batch_size, count)
+    slices, start = [], 0
+    for i in range(count):
+        size = base + (1 if i < extra else 0)
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
+def pad_rows(tensors: dict[str, torch.Tensor], multiple: int, zero_fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Pad dim 0 up to a multiple of ``multiple`` by repeating the last row (valid inputs,
+    lengths >= 1); ``zero_fields`` get zero rows instead (e.g. the loss mask)."""
+    rows = next(iter(tensors.values())).shape[0]
+    missing = -rows % multiple
+    if missing == 0:
+        return dict(tensors)
+    out = {}
+    for name, tensor in tensors.items():
+        if name in zero_fields:
+            filler = torch.zeros((missing, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        else:
+            filler = tensor[-1:].expand(missing, *tensor.shape[1:])
+        out[name] = torch.cat([tensor, filler], dim=0)
+    return out
+
+
+def standardize_rewards(rewards: torch.Tensor, stats: tuple[float, float] | None) -> torch.Tensor:
+    """(r - mean) / std, or r unchanged without stats."""
+    if stats is None:
+        return rewards
+    mean, std = stats
+    return (rewards - mean) / std
+
+
+def resolve_reward_standardization(enable: bool, mean: float | None, std: float | None,
+                                   from_checkpoint: dict | None) -> tuple[float, float] | None:
+    """(mean, std) to standardise rewards with, or None.
+
+    Off unless ``model.reward_standardization.enable``; then the configured mean/std when both
+    are set, else the ones the reward-model trainer stored in its checkpoint.
+    """
+    if not enable:
+        return None
+    if mean is not None and std is not None:
+        chosen, source = (float(mean), float(std)), "model.reward_standardization.{mean,std}"
+    elif from_checkpoint and from_checkpoint.get("mean") is not None and from_checkpoint.get("std") is not None:
+        chosen, source = (float(from_checkpoint["mean"]), float(from_checkpoint["std"])), "the RM checkpoint"
+    else:
+        raise ConfigError(
+            "model.reward_standardization.enable=true but neither model.reward_standardization.{mean,std} are "
+            "set nor does the reward-model checkpoint (pretrained_checkpoint.restore_from_path) store them: set "
+            "both, or enable=false"
+        )
+    if not chosen[1] > 0 or not all(math.isfinite(v) for v in chosen):
+        raise ConfigError(f"reward standardisation from {source}: need finite mean and std > 0, got {chosen}")
+    return chosen
+
+
+def combine_step_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
+    """One request's metrics from its optimizer steps: means of the per-step losses (each taken
+    before that step's update), mean grad norm, the last learning rate."""
+    if not steps:
+        nan = float("nan")
+        return {"value_loss": nan, "value_clip_fraction": nan, "grad_norm": nan, "lr": nan,
+                "optimizer_steps": 0.0, "updates_skipped": 0.0}
+    mean = lambda key: sum(s[key] for s in steps) / len(steps)  # noqa: E731
+    return {
+        "value_loss": mean("value_loss"),
+        "value_clip_fraction": mean("value_clip_fraction"),
+        "grad_norm": mean("grad_norm"),
+        "lr": steps[-1]["lr"],
+        "optimizer_steps": float(len(steps)),
+        "updates_skipped": float(sum(s.get("update_skipped", 0.0) for s in steps)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The per-rank worker
+# --------------------------------------------------------------------------------------------
+
+
+class CriticWorker:
+    """Executes one command on this rank; every rank of the job makes the same call in the same
+    order (rank 0 from the HTTP front, the others from the follower loop).
+
+    reward_weights: the RM's weights parked in host memory (``critic+rm``), or None (in ``rm``
+    mode the live weights are the RM's; in ``critic`` mode there are no rewards).
+    restored: trainer state of the checkpoint resumed from ({} on a fresh start).
+    """
+
+    def __init__(self, run: Run, mode: str, *, inference_micro_batch_size: int, loss_clip_val: float | None,
+                 critic_epochs: int = 1, critic_mini_batches: int = 1, reward_weights: ParkedWeights | None = None,
+                 reward_stats: tuple[float, float] | None = None, restored: dict | None = None,
+                 remembered_keys: int = 1024):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "critic+rm" and reward_weights is None:
+            raise ValueError("critic+rm mode needs the parked reward-model weights")
+        for key, value in (("trainer.<loop>.inference_micro_batch_size", inference_micro_batch_size),
+                           ("trainer.ppo.critic_epochs", critic_epochs),
+                           ("trainer.ppo.critic_mini_batches", critic_mini_batches)):
+            if int(value) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        self.run = run
+        self.mode = mode
+        self.infer_mbs = int(inference_micro_batch_size)
+        self.loss = ClippedValueLoss(loss_clip_val)
+        self.epochs = int(critic_epochs)
+        self.mini_batches = int(critic_mini_batches)
+        self.reward_weights = reward_weights
+        self.reward_stats = reward_stats
+        self.device = run.layout.device
+        restored = restored or {}
+        self.applied_train_requests = int(restored.get("applied_train_requests", 0))
+        self.checkpoint_step = int(restored["ppo_step"]) if "ppo_step" in restored else None
+        self.remembered_keys = max(1, int(remembered_keys))
+        results = restored.get("idempotency_results") or {}
+        self.applied_keys: OrderedDict[str, dict[str, float]] = OrderedDict(
+            (key, results.get(key, {})) for key in restored.get("idempotency_keys", [])
+        )
+        self.last_train: dict[str, float] = {}
+
+    # -- checks rank 0 makes before broadcasting (a bad request must not reach the followers) --
+
+    def check_infer(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._check_tokens(tensors["tokens"])
+
+    def check_train(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.mode == "rm":
+            raise RuntimeError("this is a reward-model-only server (serve_reward_model.py): it has no critic "
+                               "to train; send /v1/train to the critic server (serve_ppo_critic.py)")
+        self._check_tokens(tensors["tokens"])
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        config = self.run.model_config
+        top = int(tokens.max())
+        if top >= config.vocab_size:
+            raise ValueError(f"field 'tokens': id {top} is outside the model's vocabulary of {config.vocab_size}; "
+                             "do the actor and the critic use the same tokenizer (model.tokenizer.model)?")
+        if not config.is_llama and tokens.shape[1] > config.max_position_embeddings:
+            raise ValueError(f"field 'tokens': sequence length {tokens.shape[1]} exceeds the model's "
+                             f"max_position_embeddings={config.max_position_embeddings}")
+
+    def recorded_result(self, key: str | None) -> dict[str, float] | None:
+        """Metrics of a train request already applied to the current state, else None."""
+        if key is None or key not in self.applied_keys:
+            return None
+        return {**self.applied_keys[key], "critic_step": float(self.applied_train_requests),
+                "applied_train_requests": float(self.applied_train_requests), "replayed": 1.0}
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def infer(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{tokens [B,S], lengths [B]} -> {values [B,S]} (+ rewards [B]); full batch on every rank."""
+        from megatron.core import parallel_state
+
+        tokens = tensors["tokens"].to(self.device)
+        lengths = tensors["lengths"].to(self.device)
+        batch, seq = tokens.shape
+        layout = self.run.layout
+        share, _ = split_for_rank({"tokens": tokens, "lengths": lengths}, layout.dp_rank, layout.data_parallel)
+        rows = share["tokens"].shape[0]
+        micro = split_micro_batches(pad_rows(share, self.infer_mbs), self.infer_mbs)
+
+        out: dict[str, torch.Tensor] = {}
+        if self.mode != "rm":
+            out["values"] = self._head_outputs(micro)[:rows]
+        if self.mode == "critic+rm":
+            with self.reward_weights.swapped_in(self.run.model):
+                rm_values = self._head_outputs(micro)[:rows]
+        elif self.mode == "rm":
+            rm_values = self._head_outputs(micro)[:rows]
+        if self.mode in ("critic+rm", "rm"):
+            out["rewards"] = standardize_rewards(last_token_values(rm_values, share["lengths"]), self.reward_stats)
+
+        full = gather_from_ranks(out, batch, parallel_state.get_data_parallel_group())
+        if self.mode == "rm":
+            full["values"] = torch.zeros(batch, seq, dtype=torch.float32, device=self.device)
+        return full
+
+    def _head_outputs(self, micro_batches: list[dict]) -> torch.Tensor:
+        records = collect_forward(self.run.model, TokenValues(), micro_batches)
+        return torch.cat([record["values"] for record in records], dim=0)
+
+    def train(self, tensors: dict[str, torch.Tensor], key: str | None = None) -> dict[str, float]:
+        """Optimizer steps on {tokens, lengths, returns, prev_values, mask}; returns metrics."""
+        layout = self.run.layout
+        data = {name: tensors[name].to(self.device) for name in ("tokens", "lengths", "returns", "prev_values")}
+        seq = data["tokens"].shape[1]
+        data["mask"] = ((tensors["mask"].to(self.device) != 0) & length_mask(data["lengths"], seq)).float()
+        micro_size = self.run.micro_batch_size
+
+        steps = []
+        for _ in range(self.epochs):
+            for rows in mini_batch_slices(data["tokens"].shape[0], self.mini_batches):
+                mini = {name: tensor[rows] for name, tensor in data.items()}
+                # Every rank holds the whole request, so all of them skip the same steps.
+                if not bool(mini["mask"].any()):
+                    continue
+                share, real = split_for_rank(mini, layout.dp_rank, layout.data_parallel)
+                share["mask"][real:] = 0  # rows repeated to even out the DP shares do not count
+                micro = split_micro_batches(pad_rows(share, micro_size, zero_fields=("mask",)), micro_size)
+                steps.append(train_step(self.run.model, self.run.optimizer, self.run.scheduler, self.loss, micro))
+
+        self.applied_train_requests += 1
+        metrics = combine_step_metrics(steps)
+        if key is not None:
+            self.applied_keys[key] = dict(metrics)
+            self.applied_keys.move_to_end(key)
+            while len(self.applied_keys) > self.remembered_keys:
+                self.applied_keys.popitem(last=False)
+        self.last_train = dict(metrics)
+        self.run.metrics.log(self.applied_train_requests, {f"train/{k}": v for k, v in metrics.items()})
+        return {**metrics, "critic_step": float(self.applied_train_requests),
+                "applied_train_requests": float(self.applied_train_requests)}
+
+    def save(self, step: int, path: str | None = None) -> dict[str, Any]:
+        """Native checkpoint ``step_<step>`` under ``path`` (default: exp_manager.explicit_log_dir
+        /checkpoints, where a restarted server resumes from). Collective."""
+        if self.mode == "rm":
+            raise RuntimeError("this is a reward-model-only server: there is no critic state to save")
+        self.run.step = int(step)
+        extra = {
+            "ppo_step": int(step),
+            "applied_train_requests": self.applied_train_requests,
+            "idempotency_keys": list(self.applied_keys),
+            "idempotency_results": dict(self.applied_keys),
+            "critic_mode": self.mode,
+        }
+        if path is None:
+            final = self.run.save_checkpoint(extra)
+        else:
+            keep = self.run.cfg.exp_manager.checkpoint_callback_params.save_top_k
+            final = checkpoint.save(Path(path), self.run.step, self.run.model, self.run.optimizer,
+                                    self.run.trainer_state(extra), keep_last=int(keep) if keep else None)
+        self.checkpoint_step = int(step)
+        return {"path": str(final), "step": int(step)}
+
+    def metrics(self) -> dict[str, Any]:
+        layout = self.run.layout
+        return {
+            "mode": self.mode,
+            "applied_train_requests": self.applied_train_requests,
+            "critic_step": self.applied_train_requests,
+            "checkpoint_step": self.checkpoint_step,
+            "remembered_keys": len(self.applied_keys),
+            "reward_standardization": (None if self.reward_stats is None
+                                       else {"mean": self.reward_stats[0], "std": self.reward_stats[1]}),
+            "last_train": dict(self.last_train),
+            "world_size": layout.world_size,
+            "tensor_parallel": layout.tensor_parallel,
+            "data_parallel": layout.data_parallel,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up
+# --------------------------------------------------------------------------------------------
+
+
+def _world_size() -> int:
+    from aligner.distributed.launch_env import detect_launch_env
+
+    return detect_launch_env(os.environ).world_size
+
+
+def _prepare_config(cfg: DictConfig, loop_key: str, schedule_steps: int) -> DictConfig:
+    """The config Run is built from: fills what a server derives rather than asks for, and
+    turns Run's own resume off (the server resumes itself, after parking the RM weights)."""
+    if not cfg.pretrained_checkpoint.restore_from_path:
+        raise ConfigError("pretrained_checkpoint.restore_from_path is null: the critic and reward model are "
+                          "initialised from a reward-model run (train_reward_model.py's exp_manager.explicit_log_dir)")
+    if int(cfg.model.pipeline_model_parallel_size) != 1:
+        raise ConfigError("model.pipeline_model_parallel_size must be 1 for the critic/RM server "
+                          "(use tensor or data parallelism)")
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.exp_manager.resume_if_exists = False
+    if run_cfg.model.global_batch_size is None:  # the batch is whatever the actor sends
+        run_cfg.model.global_batch_size = int(run_cfg.model.micro_batch_size) * _world_size()
+    if run_cfg.model.optim.sched.get("max_steps", None) is None:
+        run_cfg.model.optim.sched.max_steps = max(1, schedule_steps)
+    if run_cfg.model.tokenizer.model is None:
+        run_cfg.model.tokenizer.model = _tokenizer_of(str(cfg.pretrained_checkpoint.restore_from_path))
+    return run_cfg
+
+
+def _tokenizer_of(restore_from_path: str) -> str:
+    from aligner.models import pretrained
+
+    fmt, src = pretrained.detect_format(restore_from_path)
+    if fmt == "hf":
+        return str(src)
+    recorded = checkpoint.read_trainer_state(src).get("tokenizer")
+    if not recorded:
+        raise ConfigError(f"model.tokenizer.model is null and {src} records no tokenizer: set model.tokenizer.model")
+    return str(recorded)
+
+
+def _check_reward_model(run: Run, needs_rm: bool) -> dict:
+    """The RM checkpoint's trainer state; insist that it really has a trained scalar head when
+    rewards come from it."""
+    if run.pretrained_format != "native":
+        return {}
+    state = checkpoint.read_trainer_state(run.pretrained_path)
+    if not state.get("scalar_head"):
+        message = (f"pretrained_checkpoint.restore_from_path resolves to {run.pretrained_path}, a "
+                   f"{state.get('algorithm', 'non-RM')} checkpoint without a scalar head")
+        if needs_rm:
+            raise ConfigError(message + ": rewards need a reward-model checkpoint (train_reward_model.py)")
+        log.warning("%s: the critic starts with a fresh value head", message)
+    return state
+
+
+def _resume(run: Run) -> dict:
+    """Restore the latest complete checkpoint of exp_manager.explicit_log_dir/checkpoints."""
+    latest = checkpoint.latest_complete(run.checkpoint_dir)
+    if latest is None:
+        return {}
+    state = checkpoint.load(latest, run.model, run.optimizer)
+    run.resume_state = state
+    run.step = int(state["step"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    log.info("resumed the critic from %s (PPO step %d, %d train requests applied)", latest, run.step,
+             int(state.get("applied_train_requests", 0)))
+    return state
+
+
+def build_worker(cfg: DictConfig, schema, loop_key: str, mode: str) -> CriticWorker:
+    """Everything before serving, on every rank: model from the RM, parked RM weights, resume."""
+    loop_cfg = cfg.trainer[loop_key]
+    epochs = int(loop_cfg.get("critic_epochs", 1))
+    mini_batches = int(loop_cfg.get("critic_mini_batches", 1))
+    run_cfg = _prepare_config(cfg, loop_key, int(loop_cfg.max_steps) * max(epochs, 1) * max(mini_batches, 1))
+    run = Run(run_cfg, loop_key, schema, scalar_head=True)
+    if bool(cfg.model.get("offload_adam_states", False)):
+        log.warning("model.offload_adam_states=true is not implemented by the critic server yet; Adam states "
+                    "stay on the accelerator")
+    rm_state = _check_reward_model(run, needs_rm=mode != "critic")
+    stats = None
+    if mode != "critic":
+        standardization = cfg.model.reward_standardization
+        stats = resolve_reward_standardization(bool(standardization.enable), standardization.mean,
+                                               standardization.std, rm_state.get("reward_standardization"))
+    # Parked before any resume: the live weights are still exactly the reward model's.
+    reward_weights = ParkedWeights(run.model) if mode == "critic+rm" else None
+    restored = _resume(run) if mode != "rm" and bool(cfg.exp_manager.resume_if_exists) else {}
+    if run.is_rank_zero:
+        log.info("%s server ready to start: reward standardisation %s", mode,
+                 "off" if stats is None else f"mean={stats[0]:.4f} std={stats[1]:.4f}")
+    return CriticWorker(
+        run, mode,
+        inference_micro_batch_size=int(loop_cfg.inference_micro_batch_size),
+        loss_clip_val=(None if cfg.model.get("loss_clip_val") is None else float(cfg.model.loss_clip_val)),
+        critic_epochs=epochs, critic_mini_batches=mini_batches, reward_weights=reward_weights,
+        reward_stats=stats, restored=restored,
+        remembered_keys=int(loop_cfg.get("idempotency_cache_size", 1024) or 1024),
+    )
+
+
+def _serve(cfg: DictConfig, schema, loop_key: str, mode: str) -> None:
+    from aligner.trainers import critic_server
+
+    loop_cfg = cfg.trainer[loop_key]
+    if int(os.environ.get("RANK", "0")) == 0 and loop_cfg.get("ready_file"):
+        critic_server.remove_ready_file(str(loop_cfg.ready_file))  # never let a waiter read a stale one
+    worker = build_worker(cfg, schema, loop_key, mode)
+    try:
+        if worker.run.is_rank_zero:
+            token = loop_cfg.get("auth_token") or os.environ.get(TOKEN_ENV[loop_key]) or None
+            critic_server.serve_rank0(
+                worker, host=str(loop_cfg.host), port=int(loop_cfg.port), token=token,
+                ready_file=loop_cfg.get("ready_file"), threads=int(loop_cfg.threads),
+                queue_limit=int(loop_cfg.queue_limit), max_request_bytes=int(loop_cfg.max_request_bytes),
+                idempotency_cache_size=int(loop_cfg.idempotency_cache_size),
+            )
+        else:
+            critic_server.follow(worker)
+    finally:
+        worker.run.finish()
+
+
+def serve(cfg: DictConfig, schema) -> None:
+    """Entry of serve_ppo_critic.py: the critic (and, combined, the RM) until SIGTERM/SIGINT."""
+    mode = "critic+rm" if bool(cfg.trainer.ppo.combine_rm_and_critic_server) else "critic"
+    _serve(cfg, schema, "ppo", mode)
+
+
+def serve_reward_model(cfg: DictConfig, schema) -> None:
+    """Entry of serve_reward_model.py: a reward model alone (rewards; values are zeros)."""
+    _serve(cfg, schema, "rm_server", "rm")

@@ -1,0 +1,61 @@
+"""Shared fixtures for end-to-end runs on the embedded movie-review data.
+
+The data is prepared once per session from the real vaderSentiment 3.3.2 source distribution;
+SFT runs once and later stages (RM, DPO, PPO) start from it, as in the README pipeline.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch import REPO, child_env
+
+SCRIPTS = REPO / "examples" / "nlp" / "gpt"
+
+
+def run_script(script: str, overrides: list[str], timeout: float = 900, expect_ok: bool = True,
+               threads: int = 2) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(SCRIPTS / script), *overrides], capture_output=True, text=True,
+                          timeout=timeout, env=child_env(ALIGNER_NUM_THREADS=str(threads),
+                                                         OMP_NUM_THREADS=str(threads)), cwd=str(REPO))
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(log_dir: Path) -> list[dict[str, float]]:
+    """The run's metrics.jsonl (whole history across resumes)."""
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def series(rows: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), r[key]) for r in rows if key in r]
+
+
+@pytest.fixture(scope="session")
+def movie_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "movie_reviews"
+    subprocess.run([sys.executable, "-m", "aligner.data.prep.movie_reviews", "--output-dir", str(out)],
+                   check=True, env=child_env(), cwd=str(REPO), capture_output=True, timeout=600)
+    return out
+
+
+def data_overrides(data: Path, kind: str) -> list[str]:
+    files = {"sft": "sft", "comparisons": "comparisons"}[kind]
+    return [f"model.tokenizer.model={data / 'tokenizer'}",
+            f"model.data.train_ds.file_path={data / (files + '_train.jsonl')}",
+            f"model.data.validation_ds.file_path={data / (files + '_val.jsonl')}"]
+
+
+@pytest.fixture(scope="session")
+def sft_run(movie_data, tmp_path_factory) -> Path:
+    """The default SFT recipe, shortened; later stages initialise from it."""
+    log_dir = tmp_path_factory.mktemp("runs") / "sft"
+    run_script("train_gpt_sft.py", [*data_overrides(movie_data, "sft"), f"exp_manager.explicit_log_dir={log_dir}",
+                                     "trainer.sft.max_steps=120", "trainer.sft.val_check_interval=40",
+                                     "trainer.sft.save_interval=0", "exp_manager.create_tensorboard_logger=false"])
+    return log_dir
