@@ -421,8 +421,9 @@ def _prepare_config(cfg: DictConfig, loop_key: str, schedule_steps: int) -> Dict
     run_cfg.exp_manager.resume_if_exists = False
     if run_cfg.model.global_batch_size is None:  # the batch is whatever the actor sends
         run_cfg.model.global_batch_size = int(run_cfg.model.micro_batch_size) * _world_size()
-    if run_cfg.model.optim.sched.get("max_steps", None) is None:
-        run_cfg.model.optim.sched.max_steps = max(1, schedule_steps)
+    sched = run_cfg.model.optim.get("sched")
+    if sched is not None and sched.get("max_steps") is None:
+        sched.max_steps = max(1, schedule_steps)
     if run_cfg.model.tokenizer.model is None:
         run_cfg.model.tokenizer.model = _tokenizer_of(str(cfg.pretrained_checkpoint.restore_from_path))
     return run_cfg
