@@ -16,6 +16,7 @@ from aligner.objectives.ppo import approx_kl_k3
 from aligner.objectives.preference import PREFERENCE_LOSS_TYPES, preference_loss
 from aligner.trainers.reward_model import comparison_loop_data, pair_metric
 from aligner.training import loop
+from aligner.training.reference import park_initial_weights
 from aligner.training.run import Run
 from aligner.training.step import collect_forward
 
@@ -107,7 +108,7 @@ def train(cfg: DictConfig, schema) -> dict:
             preference_loss_weight=float(dpo.preference_loss_weight), gt_reward_scale=float(dpo.gt_reward_scale),
         )
         # Parked before any resume: the reference is always the initial policy.
-        reference = _initial_reference(run)
+        reference = park_initial_weights(run)
         data = comparison_loop_data(cfg, run)
 
         def prepare(micro_batches: list[dict]) -> list[dict]:
@@ -119,18 +120,3 @@ def train(cfg: DictConfig, schema) -> dict:
                                    "val/kl_to_ref_k3", "train/chosen_logps"))
     finally:
         run.finish()
-
-
-def _initial_reference(run: Run) -> ParkedWeights:
-    if run.step == 0:
-        return ParkedWeights(run.model)
-    # Resumed: the live weights are trained ones; rebuild the initial weights the way the run
-    # first built them (same seed, then the same pretrained checkpoint, if any).
-    from aligner.distributed.setup import seed_everything
-    from aligner.models.gpt import build_gpt
-
-    seed_everything(int(run.cfg.model.seed))
-    fresh = build_gpt(run.model_config, run.dtype, run.layout.tensor_parallel, run.layout.pipeline_parallel)
-    run._init_weights(fresh)
-    state = {name: tensor for name, tensor in fresh.named_parameters()}
-    return ParkedWeights.from_state(run.model, state)

@@ -63,7 +63,10 @@ def resolve_pretrained(path: str | None):
 class Run:
     """One training run's shared machinery; the trainer module owns the loop."""
 
-    def __init__(self, cfg: DictConfig, algorithm: str, schema: str | Path, scalar_head: bool = False):
+    def __init__(self, cfg: DictConfig, algorithm: str, schema: str | Path, scalar_head: bool = False,
+                 optimizer_steps: int | None = None):
+        """`optimizer_steps`: length of the LR schedule when it is not trainer.<algorithm>.max_steps
+        (PPO makes several optimizer steps per rollout step)."""
         check_config(cfg, schema)
         self.cfg = cfg
         self.algorithm = algorithm
@@ -102,10 +105,10 @@ class Run:
                 f"model.micro_batch_size ({self.micro_batch_size}) x data-parallel size ({dp})"
             )
         self.max_steps = int(self.loop_cfg.max_steps)
-        settings = OptimSettings.from_config(to_plain(cfg.model.optim), self.max_steps,
+        settings = OptimSettings.from_config(to_plain(cfg.model.optim), optimizer_steps or self.max_steps,
                                              self.loop_cfg.get("gradient_clip_val"))
         model = build_gpt(self.model_config, self.dtype, tp, pp, scalar_head=scalar_head)
-        self._init_weights(model)
+        self.init_weights(model)
         self.model = wrap_data_parallel(model, settings)
         self.optimizer, self.scheduler = build_optimizer(self.model, settings, self.dtype)
 
@@ -126,7 +129,7 @@ class Run:
             wandb_kwargs=to_plain(em.wandb_logger_kwargs), hparams=_flatten(to_plain(cfg)), start_step=self.step,
         )
 
-    def _init_weights(self, model) -> None:
+    def init_weights(self, model) -> None:
         if self.pretrained_format == "native":
             skip = ("output_layer.",) if self.scalar_head else ()
             state = checkpoint.read_trainer_state(self.pretrained_path)

@@ -79,6 +79,13 @@ def main() -> None:
         assert diff < 1e-5, (kind, diff)
         ended = "".join(str(int(e)) for e in ref.is_end)
         print(f"rank {layout.rank} tp={world} {kind} match ended={ended} max_abs_logprob_diff={diff:.2e}", flush=True)
+    # unseeded sampling: each rank's generator gets a different OS seed, yet the TP group must agree
+    sampler = KVCacheSampler(model, eos_id=EOS, pad_id=PAD, max_batch_size=8, max_sequence_length=32)
+    tokens = sampler.generate(*prompts(), SamplingParams(temperature=1.0, max_length=12, seed=None)).tokens
+    gathered = [torch.empty_like(tokens) for _ in range(world)]
+    dist.all_gather(gathered, tokens)
+    assert all(torch.equal(g, tokens) for g in gathered), "unseeded: TP ranks disagree"
+    print(f"rank {layout.rank} unseeded agree", flush=True)
     dist_setup.shutdown()
 
 
