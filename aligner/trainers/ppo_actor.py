@@ -161,7 +161,8 @@ class PPOActor:
         self.offloader = OptimizerStateOffloader(run.optimizer, ppo.offload_device) if ppo.offload_adam_states else None
         self.sampling = SamplingParams.from_config(to_plain(ppo.sampling_params), to_plain(ppo.length_params),
                                                    seed=int(cfg.model.seed))
-        self.val_sampling = SamplingParams.from_config({**to_plain(ppo.sampling_params), "greedy": True},
+        greedy = {k: v for k, v in to_plain(ppo.sampling_params).items() if k not in ("greedy", "use_greedy")}
+        self.val_sampling = SamplingParams.from_config({**greedy, "greedy": True},
                                                        to_plain(ppo.length_params), seed=int(cfg.model.seed))
         max_len = int(cfg.model.encoder_seq_length)
         self.backend = build_backend(to_plain(cfg.trainer.ppo.trt_llm), run.model, eos_id=run.tokenizer.eos_id,

@@ -299,3 +299,7 @@ def test_export_replaces_directory_atomically(tmp_path):
     convert.save_hf(model, config, out)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no temporary leftovers
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] is None  # unknown, not a default
+    with pytest.raises(ValueError, match="'hidden_size' is a standard config.json field"):
+        convert.save_hf(model, config, out, extra_config={"hidden_size": 7})
+    assert (out / "model.safetensors").is_file()

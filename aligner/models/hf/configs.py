@@ -171,7 +171,9 @@ def export_config(config: ModelConfig, dtype: torch.dtype, scalar_head: bool, sp
     """
     from transformers import GPT2Config, LlamaConfig
 
-    tokens = {k: v for k, v in special_tokens.items() if v is not None}
+    # Unknown ids are written as null rather than left at transformers' defaults (Llama's 1/2,
+    # GPT-2's 50256), which would describe some other tokenizer.
+    tokens = {key: special_tokens.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if config.is_llama:
         hf = LlamaConfig(
             vocab_size=config.vocab_size,
@@ -213,6 +215,10 @@ def export_config(config: ModelConfig, dtype: torch.dtype, scalar_head: bool, sp
     hf.dtype = dtype
     if scalar_head:
         hf.num_labels = 1
+    reserved = hf.to_dict()
     for key, value in (extra or {}).items():
+        if key in reserved:
+            raise ValueError(f"save_hf(extra_config=...): key {key!r} is a standard config.json field "
+                             f"({reserved[key]!r}); pick another name")
         setattr(hf, key, value)
     return hf
