@@ -22,4 +22,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -q -e ".[test,hf]"
+# OpenMPI for the mpirun launcher test (Debian package; best effort where apt is usable).
+if ! command -v mpirun >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q openmpi-bin >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q openmpi-bin >/dev/null 2>&1; } || echo "note: could not install openmpi-bin"
+fi
 touch "$STAMP"

@@ -3,6 +3,7 @@
 Each case runs real separate processes under torchrun with gloo, starting from one native
 checkpoint written at TP=1 (so loading also exercises resharding).
 """
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,22 @@ def test_dp2_update_matches_single_process(initial_checkpoint, tmp_path):
     # the step really moved every weight (otherwise equality would prove nothing)
     moved = [name for name in a if not torch.equal(a[name], initial[name])]
     assert len(moved) == len(a), set(a) - set(moved)
+
+
+def test_mpirun_launch_gives_tp2_parity(initial_checkpoint):
+    """A real 2-process run under OpenMPI's mpirun (installed by scripts/install.sh)."""
+    import shutil
+    import subprocess
+
+    from aligner.distributed.launch_env import free_port
+    from tests.launch import child_env
+
+    mpirun = shutil.which("mpirun")
+    assert mpirun, "mpirun not found: scripts/install.sh installs openmpi-bin"
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [mpirun, "-n", "2", "--oversubscribe", "--allow-run-as-root", "-x", "MASTER_ADDR", "-x", "MASTER_PORT",
+           "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", sys.executable, str(WORKER), "logits", str(initial_checkpoint),
+           str(initial_checkpoint.parent / "reference.safetensors")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    out = check(proc)
+    assert out.count("max_abs_logit_diff") == 2

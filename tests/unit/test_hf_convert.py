@@ -212,6 +212,32 @@ def test_sharded_safetensors_and_pytorch_bin(tmp_path):
     got = our_logits(ours(single)[0], tokens)
     assert (got - want).abs().max() < TOL
 
+    (single / "pytorch_model.bin").unlink()  # the older sharded .bin layout
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, single / file)
+    index = {"weight_map": {k: file for file, keys in halves.items() for k in keys}}
+    (single / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    got = our_logits(ours(single)[0], tokens)
+    assert (got - want).abs().max() < TOL
+
+
+def test_gpt2_saved_without_prefix(tmp_path):
+    """The original GPT-2 checkpoints were saved from the bare trunk: `h.0.attn...`, `wte.weight`."""
+    from safetensors.torch import load_file, save_file
+
+    path = save_hf_case(tmp_path, "gpt2")
+    state = load_file(str(path / "model.safetensors"))
+    bare = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    assert len(bare) == len(state)  # tied: no lm_head.weight in the file
+    bare["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)  # causal-mask buffer that old exports carry
+    save_file(bare, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tokens = random_tokens()
+    with torch.no_grad():
+        want = make_hf_model("gpt2")(tokens).logits
+    assert (our_logits(ours(path)[0], tokens) - want).abs().max() < TOL
+
 
 @pytest.mark.parametrize("case", ["llama_gqa", "llama_tied", "gpt2"])
 def test_round_trip_through_save_hf(case, tmp_path):
