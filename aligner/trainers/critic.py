@@ -342,7 +342,7 @@ class CriticWorker:
                 if not bool(mini["mask"].any()):
                     continue
                 share, real = split_for_rank(mini, layout.dp_rank, layout.data_parallel)
-                share["mask"][real:] = 0  # rows repeated to even out the DP shares do not count
+                pass
                 micro = split_micro_batches(pad_rows(share, micro_size, zero_fields=("mask",)), micro_size)
                 steps.append(train_step(self.run.model, self.run.optimizer, self.run.scheduler, self.loss, micro))
 

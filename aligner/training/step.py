@@ -98,15 +98,18 @@ def train_step(model, optimizer, scheduler, loss: MicroBatchLoss, micro_batches:
 
 
 @torch.no_grad()
-def evaluate(model, loss: MicroBatchLoss, micro_batches: list[dict]) -> dict[str, float]:
-    """Forward-only pass over micro-batches; returns exact metric means."""
+def _forward_only(model, loss: MicroBatchLoss, micro_batches: list[dict]):
     was_training = model.training
     model.eval()
     try:
-        records = _run_schedule(model, loss, micro_batches, forward_only=True)
+        return _run_schedule(model, loss, micro_batches, forward_only=True)
     finally:
         model.train(was_training)
-    return _finalize(loss, reduce_metrics(records, loss.metric_names))
+
+
+def evaluate(model, loss: MicroBatchLoss, micro_batches: list[dict]) -> dict[str, float]:
+    """Forward-only pass over micro-batches; returns exact metric means."""
+    return _finalize(loss, reduce_metrics(_forward_only(model, loss, micro_batches), loss.metric_names))
 
 
 def _finalize(loss: MicroBatchLoss, metrics: dict[str, float]) -> dict[str, float]:
@@ -125,7 +128,6 @@ def split_micro_batches(batch: dict, micro_batch_size: int) -> list[dict]:
     return out
 
 
-@torch.no_grad()
 def collect_forward(model, loss: MicroBatchLoss, micro_batches: list[dict]) -> list[dict] | None:
     """Forward-only pass returning each micro-batch's raw per-row outputs (the `sums` dict).
 
@@ -133,10 +135,5 @@ def collect_forward(model, loss: MicroBatchLoss, micro_batches: list[dict]) -> l
     """
     from megatron.core import parallel_state
 
-    was_training = model.training
-    model.eval()
-    try:
-        records = _run_schedule(model, loss, micro_batches, forward_only=True)
-    finally:
-        model.train(was_training)
+    records = _forward_only(model, loss, micro_batches)
     return list(records) if parallel_state.is_pipeline_last_stage() else None

@@ -59,3 +59,61 @@ def sft_run(movie_data, tmp_path_factory) -> Path:
                                      "trainer.sft.max_steps=120", "trainer.sft.val_check_interval=40",
                                      "trainer.sft.save_interval=0", "exp_manager.create_tensorboard_logger=false"])
     return log_dir
+
+
+@pytest.fixture(scope="session")
+def rm_run(movie_data, sft_run, tmp_path_factory) -> Path:
+    """The reward model the PPO tests score with (and the critic starts from)."""
+    log_dir = tmp_path_factory.mktemp("runs") / "rm"
+    run_script("train_reward_model.py", [
+        *data_overrides(movie_data, "comparisons"), f"pretrained_checkpoint.restore_from_path={sft_run}",
+        f"exp_manager.explicit_log_dir={log_dir}", "trainer.rm.max_steps=80", "trainer.rm.val_check_interval=40",
+        "trainer.rm.limit_val_batches=null", "exp_manager.create_tensorboard_logger=false",
+    ])
+    return log_dir
+
+
+class CriticProcess:
+    """serve_ppo_critic.py as a real subprocess on a fixed port (restartable)."""
+
+    def __init__(self, overrides: list[str], port: int, log_path: Path):
+        self.overrides, self.port, self.log_path = overrides, port, log_path
+        self.proc = None
+
+    def start(self, timeout: float = 300) -> "CriticProcess":
+        from aligner.serving.client import CriticClient
+
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / "serve_ppo_critic.py"), *self.overrides,
+                                      f"trainer.ppo.port={self.port}"], stdout=log, stderr=subprocess.STDOUT,
+                                     env=child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1"), cwd=str(REPO))
+        client = CriticClient("127.0.0.1", self.port, total_timeout_s=timeout)
+        try:
+            client.wait_until_ready(timeout)
+        except Exception:
+            self.proc.kill()
+            raise AssertionError(f"critic did not become ready:\n{self.log_path.read_text()[-4000:]}")
+        finally:
+            client.close()
+        return self
+
+    def metrics(self) -> dict:
+        from aligner.serving.client import CriticClient
+
+        with CriticClient("127.0.0.1", self.port, total_timeout_s=30) as client:
+            return client.metrics()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()

@@ -1,0 +1,129 @@
+"""PPO end to end: actor + separate critic server on the movie-review default, and faults."""
+import json
+import time
+
+import pytest
+
+from aligner.distributed.launch_env import free_port
+from aligner.evaluation.lexicon_judge import judge_samples
+from tests.e2e.conftest import CriticProcess, read_metrics, run_script, series
+
+PPO_STEPS = 16
+
+
+def _actor_overrides(data, sft_run, log_dir, port, steps, extra=()):
+    return [f"model.tokenizer.model={data / 'tokenizer'}", f"exp_manager.explicit_log_dir={log_dir}",
+            f"pretrained_checkpoint.restore_from_path={sft_run}", f"remote_critic_rm.critic.port={port}",
+            f"model.data.train_ds.file_path={data / 'prompts_train.jsonl'}",
+            f"model.data.validation_ds.file_path={data / 'prompts_val.jsonl'}",
+            f"trainer.ppo.max_steps={steps}", "exp_manager.create_tensorboard_logger=false", *extra]
+
+
+def _critic_overrides(rm_run, log_dir, steps, extra=()):
+    return [f"pretrained_checkpoint.restore_from_path={rm_run}", f"exp_manager.explicit_log_dir={log_dir}",
+            f"trainer.ppo.max_steps={steps}", "exp_manager.create_tensorboard_logger=false", *extra]
+
+
+def test_ppo_raises_reward_and_independent_vader_score(movie_data, sft_run, rm_run, tmp_path):
+    port = free_port()
+    critic = CriticProcess(_critic_overrides(rm_run, tmp_path / "critic", PPO_STEPS), port,
+                           tmp_path / "critic.log").start()
+    try:
+        run_script("train_gpt_ppo_actor.py", _actor_overrides(
+            movie_data, sft_run, tmp_path / "actor", port, PPO_STEPS,
+            ["trainer.ppo.val_check_interval=8", "trainer.ppo.save_interval=8", "trainer.ppo.val_prompts=48"]),
+            timeout=1800)
+        handler = critic.metrics()["handler"]
+    finally:
+        assert critic.stop() == 0
+    rows = read_metrics(tmp_path / "actor")
+    reward = [v for _, v in series(rows, "rollout/reward_mean")]
+    kl = [v for _, v in series(rows, "rollout/kl")]
+    val = dict(series(rows, "val/reward_mean"))
+    assert len(reward) == PPO_STEPS
+    early, late = sum(reward[:4]) / 4, sum(reward[-4:]) / 4
+    assert late > early + 0.1, reward
+    assert val[PPO_STEPS] > val[0], val
+    assert all(0 <= k < 5 for k in kl), kl  # KL to the reference stays bounded
+    samples = sorted((tmp_path / "actor" / "samples").glob("val_step_*.jsonl"))
+    before, after = judge_samples(samples[0]), judge_samples(samples[-1])
+    assert after["vader_compound_mean"] > before["vader_compound_mean"], (before, after)
+    assert handler["applied_train_requests"] == PPO_STEPS
+    gap = [v for _, v in series(rows, "rollout/generator_logprob_abs_gap")]
+    assert max(gap) < 1e-3, gap  # our sampler and the trainer compute the same log-probs
+    print(json.dumps({"reward_first4": early, "reward_last4": late, "val": val, "kl_last": kl[-1],
+                      "vader_before": before, "vader_after": after}, indent=1))
+
+
+TINY_ACTOR = ["model.ppo.num_rollout_samples=8", "model.ppo.rollout_micro_batch_size=8", "model.global_batch_size=8",
+              "model.micro_batch_size=4", "model.ppo.length_params.max_length=8", "trainer.ppo.val_check_interval=0",
+              "trainer.ppo.save_interval=1", "model.ppo.forward_micro_batch_size=8", "model.ppo.use_is_end_mask=false"]
+
+
+def _wait_for_step(log_dir, step, proc, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = log_dir / "metrics.jsonl"
+        if path.is_file() and any(json.loads(l).get("step", 0) >= step and "rollout/reward_mean" in l
+                                  for l in path.read_text().splitlines() if l.strip()):
+            return
+        assert proc.poll() is None, "actor exited early"
+        time.sleep(0.5)
+    raise AssertionError(f"actor did not reach step {step}")
+
+
+def _start_actor(args, log):
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import SCRIPTS
+    from tests.launch import REPO, child_env
+
+    return subprocess.Popen([sys.executable, str(SCRIPTS / "train_gpt_ppo_actor.py"), *args], cwd=str(REPO),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1"))
+
+
+def test_critic_killed_and_restarted_actor_completes_without_double_training(movie_data, sft_run, rm_run, tmp_path):
+    steps = 5
+    port = free_port()
+    critic = CriticProcess(_critic_overrides(rm_run, tmp_path / "critic", steps), port, tmp_path / "critic.log").start()
+    actor = _start_actor(_actor_overrides(movie_data, sft_run, tmp_path / "actor", port, steps,
+                                          [*TINY_ACTOR, "remote_critic_rm.total_timeout_s=300"]), tmp_path / "actor.log")
+    try:
+        _wait_for_step(tmp_path / "actor", 2, actor)
+        critic.kill()  # SIGKILL: no chance to save anything
+        time.sleep(3)
+        critic.start()  # resumes from its latest checkpoint (saved with the actor's at each step)
+        assert actor.wait(timeout=900) == 0, (tmp_path / "actor.log").read_text()[-4000:]
+        handler = critic.metrics()["handler"]
+    finally:
+        if actor.poll() is None:
+            actor.kill()
+        critic.stop()
+    # every PPO step's critic update is in the critic's state exactly once
+    final = json.loads(sorted((tmp_path / "critic" / "checkpoints").glob("step_*/trainer_state.json"))[-1].read_text())
+    keys = final["idempotency_keys"]
+    assert len(keys) == len(set(keys)) == steps, keys
+    assert final["applied_train_requests"] == handler["applied_train_requests"] == steps
+    assert final["ppo_step"] == steps
+
+
+def test_actor_fails_clearly_when_critic_stays_down(movie_data, sft_run, rm_run, tmp_path):
+    port = free_port()
+    critic = CriticProcess(_critic_overrides(rm_run, tmp_path / "critic", 4), port, tmp_path / "critic.log").start()
+    actor = _start_actor(_actor_overrides(movie_data, sft_run, tmp_path / "actor", port, 4,
+                                          [*TINY_ACTOR, "remote_critic_rm.total_timeout_s=15"]), tmp_path / "actor.log")
+    try:
+        _wait_for_step(tmp_path / "actor", 1, actor)
+        critic.kill()
+        killed_at = time.time()
+        code = actor.wait(timeout=300)
+        elapsed = time.time() - killed_at
+    finally:
+        if actor.poll() is None:
+            actor.kill()
+    log = (tmp_path / "actor.log").read_text()
+    assert code != 0
+    assert f"127.0.0.1:{port}" in log and "remote_critic_rm.critic" in log, log[-3000:]
+    assert elapsed < 15 + 120, elapsed  # the configured budget plus one step of work and start-up slack
