@@ -34,7 +34,8 @@ class SamplingParams:
     max_length: the most tokens generated per row (the response budget, not prompt + response).
     end_strings: a row also stops when its decoded response ends with one of these.
     seed: seeds the sampling generator; the same seed and inputs give the same samples.
-        None draws a fresh seed from the OS.
+        None draws a fresh seed from the OS. Data-parallel replicas given the same seed draw
+        the same random numbers: fold the replica's rank into it for independent rollouts.
     """
 
     temperature: float = 1.0

@@ -92,6 +92,10 @@ class KVCacheSampler:
     # -- the loop ---------------------------------------------------------------------------
 
     def _run(self, prompt_tokens, prompt_lengths, params: SamplingParams, cached: bool) -> GenerationOutput:
+        from aligner.compat import megatron_cpu
+
+        if megatron_cpu.is_installed():
+            megatron_cpu.enable_in_current_thread()  # the CPU layer is thread-local; servers call from threads
         inner = _unwrap(self.model)
         device = next(inner.parameters()).device
         prompt_tokens, prompt_lengths = self._check_inputs(prompt_tokens, prompt_lengths, params, device)

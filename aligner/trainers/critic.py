@@ -89,8 +89,8 @@ class TokenValues:
 
         def loss_fn(output):
             values = output.reshape(tokens.shape).float()
-            values = values * length_mask(batch["lengths"], tokens.shape[1])
             zero = torch.zeros((), device=values.device)
+            values = torch.where(length_mask(batch["lengths"], tokens.shape[1]), values, zero)
             return zero, torch.ones((), dtype=torch.int, device=values.device), {"values": values}
 
         return output, loss_fn
@@ -342,7 +342,7 @@ class CriticWorker:
                 if not bool(mini["mask"].any()):
                     continue
                 share, real = split_for_rank(mini, layout.dp_rank, layout.data_parallel)
-                pass
+                share["mask"][real:] = 0  # rows repeated to even out the DP shares do not count
                 micro = split_micro_batches(pad_rows(share, micro_size, zero_fields=("mask",)), micro_size)
                 steps.append(train_step(self.run.model, self.run.optimizer, self.run.scheduler, self.loss, micro))
 

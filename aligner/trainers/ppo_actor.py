@@ -225,13 +225,21 @@ class PPOActor:
                 f"(the actor's trainer_state.json names it under 'critic'), or start both from scratch.")
 
     # -- one rollout phase
+    def sampling_seed(self, micro_batch: int) -> int:
+        """A different, reproducible random stream per step, micro-batch and data-parallel rank."""
+        return (int(self.cfg.model.seed) * 1_000_003 + self.run.step * 10_007 + micro_batch * 101
+                + self.run.layout.dp_rank) % (2 ** 62)
+
     @torch.no_grad()
     def generate(self, prompt_indices: list[int], dataset: PromptDataset, params: SamplingParams) -> Rollouts:
+        import dataclasses
+
         micro = int(self.cfg.model.ppo.rollout_micro_batch_size)
         outputs, futures, reward_futures = [], [], []
         for start in range(0, len(prompt_indices), micro):
             batch = collate_prompts([dataset[i] for i in prompt_indices[start:start + micro]], self.run.tokenizer.pad_id)
-            out = self.backend.generate(batch["prompt_tokens"], batch["prompt_lengths"], params)
+            seeded = dataclasses.replace(params, seed=self.sampling_seed(start // micro))
+            out = self.backend.generate(batch["prompt_tokens"], batch["prompt_lengths"], seeded)
             outputs.append(out)
             if self.is_caller:  # fire now; collect after the log-prob passes
                 futures.append(self.critic.infer_async(out.tokens, out.sequence_lengths))

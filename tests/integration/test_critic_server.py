@@ -2,7 +2,8 @@
 
 A tiny reward model is trained for two steps with train_reward_model.py (so its value head is
 not zero). Then three servers start side by side: the combined critic+RM server as one process
-and under torchrun with data parallelism 2, and the reward model alone (serve_reward_model.py).
+and under torchrun with data parallelism 2, and the reward model alone (serve_reward_model.py)
+under torchrun with tensor parallelism 2.
 Their answers are checked against a float64 re-implementation of the Llama forward pass that
 reads the RM's checkpoint files directly (no megatron), and against each other.
 """
@@ -274,8 +275,10 @@ def servers(reward_model):
                                 token=SINGLE_TOKEN),
         "dp2": ServerProcess("dp2", SERVE_CRITIC, root, critic_overrides(reward_model), nproc=2, token=DP2_TOKEN,
                              ALIGNER_CRITIC_TOKEN=DP2_TOKEN),
+        # tensor parallelism 2: both ranks compute halves of every layer on the same rows
         "rm": ServerProcess("rm", SERVE_RM, root, [f"pretrained_checkpoint.restore_from_path={reward_model['run_dir']}",
-                                                   "trainer.rm_server.inference_micro_batch_size=2"]),
+                                                   "trainer.rm_server.inference_micro_batch_size=2",
+                                                   "model.tensor_model_parallel_size=2"], nproc=2),
     }
     try:
         tokens, lengths = sample_batch(reward_model["vocab"])
@@ -453,7 +456,10 @@ def test_save_restart_resume_exactly_once(servers, rm_weights, reward_model):
     assert restarted.terminate() == 0
 
 
-def test_sigterm_stops_all_ranks_with_exit_code_zero(servers):
-    job = servers["jobs"]["dp2"]
+@pytest.mark.parametrize("name", ["dp2", "rm"])
+def test_sigterm_stops_all_ranks_with_exit_code_zero(servers, name):
+    job = servers["jobs"][name]
+    assert job.client.metrics()["handler"]["world_size"] == 2
     assert job.terminate() == 0, job.log_tail()
     assert "critic server stopping (SIGTERM)" in job.log_path.read_text()
+    assert not job.ready_file.exists()

@@ -5,6 +5,7 @@ Two independent references: the same loop with full recomputation (`generate_no_
 does the sampling maths in float64 by hand. The second shares no code with the sampler, so it
 also catches mistakes in the batching scheme (forced prompt tokens, padding, stopping).
 """
+import dataclasses
 import math
 
 import pytest
@@ -340,3 +341,13 @@ def test_gpt2_learned_positions_cache_matches_reference(model_and_bias, prompts)
     params = SamplingParams(temperature=0.8, max_length=6, min_length=0, seed=4)
     out = make_sampler(gpt2).generate(*prompts, params)
     assert_matches_reference(out, reference_generate(gpt2, *prompts, params), *prompts)
+
+
+def test_megatron_local_attention_cache_matches_reference(model_and_bias, prompts):
+    """The same scheme through megatron's own unfused attention (attention_backend=local)."""
+    local = build_gpt(dataclasses.replace(CONFIG, attention_backend="local"), torch.float32)
+    with torch.no_grad():
+        local.output_layer.weight.mul_(15.0)
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_length=6, min_length=0, seed=6)
+    out = make_sampler(local).generate(*prompts, params)
+    assert_matches_reference(out, reference_generate(local, *prompts, params), *prompts)

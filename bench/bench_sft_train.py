@@ -1,0 +1,186 @@
+"""Training-step throughput: aligner (megatron GPTModel + DDP + optimizer, through `train_step`)
+vs transformers' LlamaForCausalLM + torch AdamW, same weights, same data, same process.
+
+    python bench/bench_sft_train.py [--dtype fp32|bf16|both] [--reps 5] [--steps 3]
+
+Workload (BENCH_CONFIG): batch 8 x 256 tokens, causal-LM loss on every token, Adam (lr 1e-4,
+betas 0.9/0.999, eps 1e-8, no weight decay), gradient clipping at 1.0 on both sides.
+aligner runs with each attention backend ('sdpa': torch's fused kernel; 'local': megatron's
+unfused DotProductAttention).
+
+The peer in bf16 has two honest set-ups and both are measured:
+  * "autocast": fp32 weights and AdamW, forward under torch.autocast(bfloat16); the same
+    numerics as aligner's bf16 (bf16 compute, fp32 master weights and Adam states);
+  * "bf16 weights": the model cast to bfloat16 and AdamW on bf16 parameters (no fp32 master
+    copy; cheaper, less exact). The throughput target is checked against the faster of the two.
+Targets (issue 2): bf16 throughput >= 1.0x transformers and MFU >= 35%.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (puts the repository on sys.path)
+import torch  # noqa: E402
+
+BATCH, SEQ = 8, 256
+LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.999), 1e-8, 1.0
+N_BATCHES = 4  # distinct batches cycled through, identical for every contender
+TARGET_RATIO, TARGET_MFU = 1.0, 0.35
+
+
+def make_batches():
+    """N_BATCHES windows of SEQ + 1 real tokens: inputs are [:, :SEQ], targets [:, 1:]."""
+    return [common.token_windows(BATCH, SEQ + 1, seed=100 + i) for i in range(N_BATCHES)]
+
+
+class Cycle:
+    def __init__(self, items):
+        self.items, self.i = items, 0
+
+    def next(self):
+        item = self.items[self.i % len(self.items)]
+        self.i += 1
+        return item
+
+
+# ----------------------------------------------------------------------------------- aligner
+
+
+def aligner_stepper(dtype: torch.dtype, backend: str, windows):
+    from aligner.trainers.sft import SFTLoss
+    from aligner.training.optim import OptimSettings, build_optimizer, wrap_data_parallel
+    from aligner.training.step import train_step
+
+    model, config = common.load_aligner_model(dtype, backend)
+    params = common.parameter_count(model)
+    settings = OptimSettings.from_config(
+        {"name": "adam", "lr": LR, "weight_decay": 0.0, "betas": list(BETAS), "eps": EPS,
+         "sched": {"name": "Constant"}}, max_steps=10**6, gradient_clip_val=CLIP)
+    ddp = wrap_data_parallel(model, settings)
+    optimizer, scheduler = build_optimizer(ddp, settings, dtype)
+    loss = SFTLoss()
+    batches = Cycle([{"tokens": w[:, :SEQ].contiguous(), "labels": w[:, 1:].contiguous(),
+                      "loss_mask": torch.ones(BATCH, SEQ)} for w in windows])
+
+    def step():
+        return train_step(ddp, optimizer, scheduler, loss, [batches.next()])["loss"]
+
+    return step, params, config, ddp
+
+
+# ------------------------------------------------------------------------------------- peer
+
+
+def transformers_stepper(dtype: torch.dtype, autocast: bool, windows):
+    """One step: forward with labels, backward, clip, fused AdamW (transformers Trainer's default optimizer)."""
+    model = common.load_hf_model(torch.float32 if autocast else dtype)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, fused=True)
+    batches = Cycle([(w[:, :SEQ].contiguous(), w[:, 1:].contiguous()) for w in windows])
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
+    def step():
+        inputs, targets = batches.next()
+        with amp:
+            # shift_labels: the same SEQ targets per row as aligner (labels= alone would drop the last one).
+            loss = model(input_ids=inputs, labels=targets, shift_labels=targets).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step, model
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def block(step, steps: int):
+    return lambda: common.timed(lambda: [step() for _ in range(steps)])
+
+
+def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int) -> dict:
+    dtype = common.DTYPES[dtype_name]
+    windows = make_batches()
+    ours = {}
+    for backend in ("sdpa", "local"):
+        ours[backend] = aligner_stepper(dtype, backend, windows)
+    params, config = ours["sdpa"][1], ours["sdpa"][2]
+    peers = {"transformers": (False,)} if dtype == torch.float32 else \
+        {"transformers autocast": (True,), "transformers bf16 weights": (False,)}
+    peer_steps = {}
+    for name, (autocast,) in peers.items():
+        with common.peer_context():
+            peer_steps[name] = transformers_stepper(dtype, autocast, windows)
+
+    # Same function, same data: the first losses agree (fp32: to float rounding).
+    first_losses = {f"aligner {b}": float(ours[b][0]()) for b in ours}
+    for name, (step, _model) in peer_steps.items():
+        with common.peer_context():
+            first_losses[name] = step()
+    print(f"[{dtype_name}] first-step losses: " + ", ".join(f"{k}={v:.6f}" for k, v in first_losses.items()))
+
+    tokens_per_block = BATCH * SEQ * steps
+    contenders = [common.Contender(f"aligner {b}", block(ours[b][0], steps), tokens_per_block) for b in ours]
+    contenders += [common.Contender(n, block(s, steps), tokens_per_block, peer=True) for n, (s, _m) in peer_steps.items()]
+    print(f"[{dtype_name}] {reps} reps x {steps} steps of {BATCH}x{SEQ} tokens (tokens/s):")
+    throughput, peaks = common.interleave(contenders, reps, warmup, dtype)
+
+    peak = statistics.median(peaks)
+    stats = {}
+    for name, values in throughput.items():
+        s = common.summarize(values)
+        s["mfu"] = common.training_mfu(s["median"], params, config.num_layers, config.hidden_size, SEQ, peak)
+        stats[name] = s
+    peer_names = list(peer_steps)
+    best_peer = max(peer_names, key=lambda n: stats[n]["median"])
+    ratios = {f"{o} / {p}": stats[o]["median"] / stats[p]["median"]
+              for o in (f"aligner {b}" for b in ours) for p in peer_names}
+    default = "aligner sdpa"
+    targets = [common.target(f"{default} / {best_peer} (median tokens/s)", ratios[f"{default} / {best_peer}"],
+                             TARGET_RATIO)]
+    if dtype == torch.bfloat16:
+        targets.append(common.target(f"{default} MFU", stats[default]["mfu"], TARGET_MFU))
+    for name, s in stats.items():
+        print(f"  {name:28s} median {s['median']:8,.0f} tok/s  min {s['min']:8,.0f}  spread {s['spread']:5.1%}  "
+              f"MFU {s['mfu']:6.1%}")
+    print(f"  matmul {dtype_name} ceiling median {peak / 1e9:,.0f} GFLOP/s")
+    for k, v in ratios.items():
+        print(f"  ratio {k}: {v:.2f}x")
+    for t in targets:
+        print(f"  target {t['name']} >= {t['threshold']}: {t['value']:.3f} -> {'met' if t['met'] else 'MISSED'}")
+    payload = {
+        "dtype": dtype_name,
+        "workload": {"batch": BATCH, "seq": SEQ, "steps_per_block": steps, "reps": reps, "warmup_blocks": warmup,
+                     "optimizer": {"lr": LR, "betas": BETAS, "eps": EPS, "weight_decay": 0.0, "clip_grad": CLIP},
+                     "params": params},
+        "first_step_losses": first_losses,
+        "matmul_flops": common.summarize(peaks),
+        "tokens_per_s": stats,
+        "ratios": ratios,
+        "targets": targets,
+        "mfu_formula": "(6*params + 12*layers*hidden*seq) * tokens_per_s / median matmul FLOP/s of this dtype",
+    }
+    path = common.write_result(f"sft_train_{dtype_name}", payload)
+    print(f"  wrote {path}")
+    return payload
+
+
+def main(argv=None):
+    parser = common.base_arguments(__doc__.splitlines()[0], reps=5)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timed block")
+    args = parser.parse_args(argv)
+    common.quiet_libraries()
+    common.set_threads()
+    common.start_megatron()
+    for dtype_name in common.dtypes_of(args.dtype):
+        run_dtype(dtype_name, args.reps, args.warmup, args.steps)
+
+
+if __name__ == "__main__":
+    main()
