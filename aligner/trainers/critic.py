@@ -151,7 +151,8 @@ def mini_batch_slices(batch_size: int, mini_batches: int) -> list[slice]:
     return slices
 
 
-def pad_rows(tensors: dict[str, torch.Tensor], multiple: int, zero_fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def pad_rows(tensors: dict[str, torch.Tensor], multiple: int,
+             zero_fields: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Pad dim 0 up to a multiple of ``multiple`` by repeating the last row (valid inputs,
     lengths >= 1); ``zero_fields`` get zero rows instead (e.g. the loss mask)."""
     rows = next(iter(tensors.values())).shape[0]
@@ -240,11 +241,6 @@ class CriticWorker:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "critic+rm" and reward_weights is None:
             raise ValueError("critic+rm mode needs the parked reward-model weights")
-        for key, value in (("trainer.<loop>.inference_micro_batch_size", inference_micro_batch_size),
-                           ("trainer.ppo.critic_epochs", critic_epochs),
-                           ("trainer.ppo.critic_mini_batches", critic_mini_batches)):
-            if int(value) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
         self.run = run
         self.mode = mode
         self.infer_mbs = int(inference_micro_batch_size)
@@ -289,8 +285,7 @@ class CriticWorker:
         """Metrics of a train request already applied to the current state, else None."""
         if key is None or key not in self.applied_keys:
             return None
-        return {**self.applied_keys[key], "critic_step": float(self.applied_train_requests),
-                "applied_train_requests": float(self.applied_train_requests), "replayed": 1.0}
+        return {**self.applied_keys[key], "replayed": 1.0}
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -348,15 +343,16 @@ class CriticWorker:
 
         self.applied_train_requests += 1
         metrics = combine_step_metrics(steps)
+        self.last_train = dict(metrics)
+        self.run.metrics.log(self.applied_train_requests, {f"train/{k}": v for k, v in metrics.items()})
+        result = {**metrics, "critic_step": float(self.applied_train_requests),
+                  "applied_train_requests": float(self.applied_train_requests)}
         if key is not None:
-            self.applied_keys[key] = dict(metrics)
+            self.applied_keys[key] = dict(result)
             self.applied_keys.move_to_end(key)
             while len(self.applied_keys) > self.remembered_keys:
                 self.applied_keys.popitem(last=False)
-        self.last_train = dict(metrics)
-        self.run.metrics.log(self.applied_train_requests, {f"train/{k}": v for k, v in metrics.items()})
-        return {**metrics, "critic_step": float(self.applied_train_requests),
-                "applied_train_requests": float(self.applied_train_requests)}
+        return result
 
     def save(self, step: int, path: str | None = None) -> dict[str, Any]:
         """Native checkpoint ``step_<step>`` under ``path`` (default: exp_manager.explicit_log_dir
@@ -408,7 +404,7 @@ def _world_size() -> int:
     return detect_launch_env(os.environ).world_size
 
 
-def _prepare_config(cfg: DictConfig, loop_key: str, schedule_steps: int) -> DictConfig:
+def _prepare_config(cfg: DictConfig, schedule_steps: int) -> DictConfig:
     """The config Run is built from: fills what a server derives rather than asks for, and
     turns Run's own resume off (the server resumes itself, after parking the RM weights)."""
     if not cfg.pretrained_checkpoint.restore_from_path:
@@ -475,7 +471,11 @@ def build_worker(cfg: DictConfig, schema, loop_key: str, mode: str) -> CriticWor
     loop_cfg = cfg.trainer[loop_key]
     epochs = int(loop_cfg.get("critic_epochs", 1))
     mini_batches = int(loop_cfg.get("critic_mini_batches", 1))
-    run_cfg = _prepare_config(cfg, loop_key, int(loop_cfg.max_steps) * max(epochs, 1) * max(mini_batches, 1))
+    for key, value in (("inference_micro_batch_size", loop_cfg.inference_micro_batch_size),
+                       ("critic_epochs", epochs), ("critic_mini_batches", mini_batches)):
+        if int(value) < 1:  # checked before the (slow) model set-up
+            raise ConfigError(f"trainer.{loop_key}.{key} must be >= 1, got {value}")
+    run_cfg = _prepare_config(cfg, int(loop_cfg.max_steps) * epochs * mini_batches)
     run = Run(run_cfg, loop_key, schema, scalar_head=True)
     if bool(cfg.model.get("offload_adam_states", False)):
         log.warning("model.offload_adam_states=true is not implemented by the critic server yet; Adam states "

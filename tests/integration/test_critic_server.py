@@ -420,7 +420,7 @@ def test_save_restart_resume_exactly_once(servers, rm_weights, reward_model):
     client = job.client
     request, _ = _train_request(servers, rm_weights, reward_model)
     tokens, lengths = servers["tokens"], servers["lengths"]
-    client.train(request, "before-save")
+    before_save = client.train(request, "before-save")
     saved_count = client.metrics()["handler"]["applied_train_requests"]
     saved_values = client.infer(tokens, lengths)["values"]
 
@@ -449,7 +449,7 @@ def test_save_restart_resume_exactly_once(servers, rm_weights, reward_model):
     torch.testing.assert_close(out["rewards"], servers["initial"]["single"]["rewards"], atol=1e-6, rtol=0)
 
     replay = client.train(request, "before-save")
-    assert replay["replayed"] == 1.0
+    assert replay == {**before_save, "replayed": 1.0}
     assert client.metrics()["handler"]["applied_train_requests"] == saved_count
     client.train(request, "after-save")  # its first application died with the old process
     assert client.metrics()["handler"]["applied_train_requests"] == saved_count + 1
