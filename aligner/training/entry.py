@@ -14,6 +14,9 @@ def hydra_entry(config_name: str, train: Callable) -> Callable[[], None]:
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def main(cfg) -> None:
+        import logging
+
+        logging.getLogger("megatron").setLevel(logging.WARNING)  # its import-time INFO chatter
         train(cfg, CONF_DIR / f"{config_name}.yaml")
 
     return main
