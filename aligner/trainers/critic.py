@@ -404,9 +404,8 @@ def _world_size() -> int:
     return detect_launch_env(os.environ).world_size
 
 
-def _prepare_config(cfg: DictConfig, schedule_steps: int) -> DictConfig:
-    """The config Run is built from: fills what a server derives rather than asks for, and
-    turns Run's own resume off (the server resumes itself, after parking the RM weights)."""
+def _prepare_config(cfg: DictConfig, schedule_steps: int, mode_is_rm_only: bool) -> DictConfig:
+    """The config Run is built from: fills what a server derives rather than asks for."""
     if not cfg.pretrained_checkpoint.restore_from_path:
         raise ConfigError("pretrained_checkpoint.restore_from_path is null: the critic and reward model are "
                           "initialised from a reward-model run (train_reward_model.py's exp_manager.explicit_log_dir)")
@@ -414,7 +413,8 @@ def _prepare_config(cfg: DictConfig, schedule_steps: int) -> DictConfig:
         raise ConfigError("model.pipeline_model_parallel_size must be 1 for the critic/RM server "
                           "(use tensor or data parallelism)")
     run_cfg = copy.deepcopy(cfg)
-    run_cfg.exp_manager.resume_if_exists = False
+    if mode_is_rm_only:
+        run_cfg.exp_manager.resume_if_exists = False  # an RM server has no state of its own to resume
     if run_cfg.model.global_batch_size is None:  # the batch is whatever the actor sends
         run_cfg.model.global_batch_size = int(run_cfg.model.micro_batch_size) * _world_size()
     sched = run_cfg.model.optim.get("sched")
@@ -452,20 +452,6 @@ def _check_reward_model(run: Run, needs_rm: bool) -> dict:
     return state
 
 
-def _resume(run: Run) -> dict:
-    """Restore the latest complete checkpoint of exp_manager.explicit_log_dir/checkpoints."""
-    latest = checkpoint.latest_complete(run.checkpoint_dir)
-    if latest is None:
-        return {}
-    state = checkpoint.load(latest, run.model, run.optimizer)
-    run.resume_state = state
-    run.step = int(state["step"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    log.info("resumed the critic from %s (PPO step %d, %d train requests applied)", latest, run.step,
-             int(state.get("applied_train_requests", 0)))
-    return state
-
-
 def build_worker(cfg: DictConfig, schema, loop_key: str, mode: str) -> CriticWorker:
     """Everything before serving, on every rank: model from the RM, parked RM weights, resume."""
     loop_cfg = cfg.trainer[loop_key]
@@ -475,8 +461,8 @@ def build_worker(cfg: DictConfig, schema, loop_key: str, mode: str) -> CriticWor
                        ("critic_epochs", epochs), ("critic_mini_batches", mini_batches)):
         if int(value) < 1:  # checked before the (slow) model set-up
             raise ConfigError(f"trainer.{loop_key}.{key} must be >= 1, got {value}")
-    run_cfg = _prepare_config(cfg, int(loop_cfg.max_steps) * epochs * mini_batches)
-    run = Run(run_cfg, loop_key, schema, scalar_head=True)
+    run_cfg = _prepare_config(cfg, int(loop_cfg.max_steps) * epochs * mini_batches, mode == "rm")
+    run = Run(run_cfg, loop_key, schema, scalar_head=True, resume=False)
     if bool(cfg.model.get("offload_adam_states", False)):
         log.warning("model.offload_adam_states=true is not implemented by the critic server yet; Adam states "
                     "stay on the accelerator")
@@ -488,7 +474,10 @@ def build_worker(cfg: DictConfig, schema, loop_key: str, mode: str) -> CriticWor
                                                standardization.std, rm_state.get("reward_standardization"))
     # Parked before any resume: the live weights are still exactly the reward model's.
     reward_weights = ParkedWeights(run.model) if mode == "critic+rm" else None
-    restored = _resume(run) if mode != "rm" and bool(cfg.exp_manager.resume_if_exists) else {}
+    restored = run.resume_latest()
+    if restored:
+        log.info("critic resumed at PPO step %d (%d train requests applied)", run.step,
+                 int(restored.get("applied_train_requests", 0)))
     if run.is_rank_zero:
         log.info("%s server ready to start: reward standardisation %s", mode,
                  "off" if stats is None else f"mean={stats[0]:.4f} std={stats[1]:.4f}")

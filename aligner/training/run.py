@@ -64,9 +64,11 @@ class Run:
     """One training run's shared machinery; the trainer module owns the loop."""
 
     def __init__(self, cfg: DictConfig, algorithm: str, schema: str | Path, scalar_head: bool = False,
-                 optimizer_steps: int | None = None):
+                 optimizer_steps: int | None = None, resume: bool = True):
         """`optimizer_steps`: length of the LR schedule when it is not trainer.<algorithm>.max_steps
-        (PPO makes several optimizer steps per rollout step)."""
+        (PPO makes several optimizer steps per rollout step). `resume=False` defers resuming (and
+        opening the loggers) to an explicit `resume_latest()`, for callers that must first capture
+        the initial weights (e.g. a critic parking its reward model)."""
         check_config(cfg, schema)
         self.cfg = cfg
         self.algorithm = algorithm
@@ -117,6 +119,13 @@ class Run:
         em = cfg.exp_manager
         self.step = 0
         self.resume_state: dict[str, Any] = {}
+        self.metrics: MetricsLogger | None = None
+        if resume:
+            self.resume_latest()
+
+    def resume_latest(self) -> dict:
+        """Restore the latest complete checkpoint (if exp_manager.resume_if_exists), then open loggers."""
+        em = self.cfg.exp_manager
         latest = checkpoint.latest_complete(self.checkpoint_dir) if bool(em.resume_if_exists) else None
         if latest is not None:
             self.resume_state = checkpoint.load(latest, self.model, self.optimizer)
@@ -124,10 +133,11 @@ class Run:
             self.scheduler.load_state_dict(self.resume_state["scheduler"])
             log.info("resumed from %s at step %d", latest, self.step)
         self.metrics = MetricsLogger(
-            self.log_dir, cfg.get("name", algorithm), csv=bool(em.create_csv_logger),
+            self.log_dir, self.cfg.get("name", self.algorithm), csv=bool(em.create_csv_logger),
             tensorboard=bool(em.create_tensorboard_logger), wandb=bool(em.create_wandb_logger),
-            wandb_kwargs=to_plain(em.wandb_logger_kwargs), hparams=_flatten(to_plain(cfg)), start_step=self.step,
+            wandb_kwargs=to_plain(em.wandb_logger_kwargs), hparams=_flatten(to_plain(self.cfg)), start_step=self.step,
         )
+        return self.resume_state
 
     def init_weights(self, model) -> None:
         if self.pretrained_format == "native":
@@ -166,7 +176,8 @@ class Run:
         return unwrap(self.model)
 
     def finish(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         dist_setup.shutdown()
 
 
