@@ -69,7 +69,7 @@ def aligner_stepper(dtype: torch.dtype, backend: str, windows):
     def step():
         return train_step(ddp, optimizer, scheduler, loss, [batches.next()])["loss"]
 
-    return step, params, config, ddp
+    return step, params, config, (ddp, optimizer, scheduler, loss, batches)
 
 
 # ------------------------------------------------------------------------------------- peer

@@ -11,8 +11,7 @@ from omegaconf import DictConfig
 
 from aligner.models.gpt import position_ids_for
 from aligner.models.weight_swap import ParkedWeights
-from aligner.objectives.logprobs import sequence_logprobs
-from aligner.objectives.ppo import approx_kl_k3
+from aligner.objectives.logprobs import sequence_logprobs, token_logprobs_from_logits
 from aligner.objectives.preference import PREFERENCE_LOSS_TYPES, preference_loss
 from aligner.trainers.reward_model import comparison_loop_data, pair_metric
 from aligner.training import loop
@@ -21,23 +20,30 @@ from aligner.training.run import Run
 from aligner.training.step import collect_forward
 
 
-def answer_token_logprobs(model, batch) -> torch.Tensor:
-    """[2B,S] log-prob of each next token (megatron's vocab-parallel cross-entropy, negated)."""
+def next_token_logits(model, batch) -> torch.Tensor:
+    """[2B,S,V] logits (gathered over tensor-parallel ranks); position t predicts token t+1."""
     tokens = batch["tokens"]
-    return model(tokens, position_ids_for(tokens), None, labels=batch["labels"])
+    return model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
 
 
 class ReferenceLogProbs:
-    """Forward-only 'loss' that hands back per-row reference log-probs (sequence and per token)."""
+    """Forward-only 'loss' handing back the reference's per-token log-probs [2B,S] and, for
+    validation, its whole next-token distribution (for the exact KL of the policy to it)."""
 
     metric_names = ()
 
-    def forward(self, model, batch):
-        output = answer_token_logprobs(model, batch)
+    def __init__(self, keep_distribution: bool = False):
+        self.keep_distribution = keep_distribution
 
-        def loss_fn(per_token_nll):
-            token_lp = -per_token_nll.float()
-            return torch.zeros(()), torch.tensor(1), {"token_logps": token_lp}
+    def forward(self, model, batch):
+        output = next_token_logits(model, batch)
+
+        def loss_fn(logits):
+            logits = logits.float()
+            out = {"token_logps": token_logprobs_from_logits(logits, batch["labels"])}
+            if self.keep_distribution:
+                out["log_probs_full"] = torch.log_softmax(logits, dim=-1)
+            return torch.zeros(()), torch.tensor(1), out
 
         return output, loss_fn
 
@@ -45,7 +51,7 @@ class ReferenceLogProbs:
 class PreferenceLoss:
     metric_names = ("loss", "preference_accuracy", "implicit_reward_margin", "chosen_implicit_reward",
                     "rejected_implicit_reward", "chosen_logps", "rejected_logps", "sft_loss",
-                    "kl_to_ref_k3")
+                    "kl_to_ref")
 
     def __init__(self, beta: float, loss_type: str, average_log_probs: bool, sft_loss_weight: float,
                  preference_loss_weight: float, gt_reward_scale: float):
@@ -57,10 +63,11 @@ class PreferenceLoss:
         self.sft_weight, self.pref_weight, self.gt_scale = sft_loss_weight, preference_loss_weight, gt_reward_scale
 
     def forward(self, model, batch):
-        output = answer_token_logprobs(model, batch)
+        output = next_token_logits(model, batch)
 
-        def loss_fn(per_token_nll):
-            token_lp = -per_token_nll.float()
+        def loss_fn(logits):
+            logits = logits.float()
+            token_lp = token_logprobs_from_logits(logits, batch["labels"])
             mask = batch["loss_mask"]
             ref_token_lp = batch["ref_token_logps"]
             logps = sequence_logprobs(token_lp, mask, self.average)
@@ -77,22 +84,28 @@ class PreferenceLoss:
             chosen_mask = mask[:pairs]
             sft = -sequence_logprobs(token_lp[:pairs], chosen_mask, True).mean()
             total = self.pref_weight * loss + self.sft_weight * sft
-            kl = approx_kl_k3(token_lp.detach(), ref_token_lp, mask)
             sums = {name: pair_metric(metrics[name], pairs) for name in self.metric_names if name in metrics}
             sums["loss"] = pair_metric(total, pairs)
             sums["sft_loss"] = pair_metric(sft, pairs)
-            sums["kl_to_ref_k3"] = torch.stack([kl.detach().float() * mask.sum(), mask.sum().float()])
+            if "ref_log_probs_full" in batch:  # validation: exact KL(policy || reference) per response token
+                with torch.no_grad():
+                    log_p = torch.log_softmax(logits, dim=-1)
+                    kl_tokens = (log_p.exp() * (log_p - batch["ref_log_probs_full"])).sum(-1)
+                    sums["kl_to_ref"] = torch.stack([(kl_tokens * mask).sum(), mask.sum().float()])
             return total * pairs, torch.tensor(pairs), sums
 
         return output, loss_fn
 
 
-def attach_reference_logprobs(run: Run, reference: ParkedWeights, micro_batches: list[dict]) -> None:
+def attach_reference_logprobs(run: Run, reference: ParkedWeights, micro_batches: list[dict],
+                              keep_distribution: bool = False) -> None:
     with reference.swapped_in(run.model):
-        records = collect_forward(run.model, ReferenceLogProbs(), micro_batches)
+        records = collect_forward(run.model, ReferenceLogProbs(keep_distribution), micro_batches)
     if records is not None:
         for micro, record in zip(micro_batches, records):
             micro["ref_token_logps"] = record["token_logps"]
+            if keep_distribution:
+                micro["ref_log_probs_full"] = record["log_probs_full"]
     else:  # non-last pipeline stages never read them; keep the key for a uniform batch layout
         for micro in micro_batches:
             micro["ref_token_logps"] = torch.zeros_like(micro["loss_mask"])
@@ -111,12 +124,13 @@ def train(cfg: DictConfig, schema) -> dict:
         reference = park_initial_weights(run)
         data = comparison_loop_data(cfg, run)
 
-        def prepare(micro_batches: list[dict]) -> list[dict]:
-            attach_reference_logprobs(run, reference, micro_batches)
+        def prepare(micro_batches: list[dict], training: bool) -> list[dict]:
+            # validation also measures the exact KL to the reference (needs its full distribution)
+            attach_reference_logprobs(run, reference, micro_batches, keep_distribution=not training)
             return micro_batches
 
         return loop.fit(run, loss, data, prepare=prepare,
                         plot_keys=("train/loss", "val/loss", "val/preference_accuracy", "val/implicit_reward_margin",
-                                   "val/kl_to_ref_k3", "train/chosen_logps"))
+                                   "val/kl_to_ref", "train/chosen_logps"))
     finally:
         run.finish()

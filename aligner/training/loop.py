@@ -58,10 +58,10 @@ def validation_batches(run: Run, dataset, limit_batches: int | None) -> list[lis
 
 
 def run_validation(run: Run, loss: MicroBatchLoss, data: LoopData, index_batches: list[list[int]],
-                   prepare: Callable[[list[dict]], list[dict]] | None = None) -> dict[str, float]:
+                   prepare: Callable[[list[dict], bool], list[dict]] | None = None) -> dict[str, float]:
     items = [data.validation[i] for batch in index_batches for i in batch]
     micro = micro_batches_for(items, run.micro_batch_size, data)
-    return evaluate(run.model, loss, prepare(micro) if prepare else micro)
+    return evaluate(run.model, loss, prepare(micro, False) if prepare else micro)
 
 
 def _endless(sampler):
@@ -71,10 +71,11 @@ def _endless(sampler):
 
 def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str] = (),
         on_train_end: Callable[[], dict] | None = None,
-        prepare: Callable[[list[dict]], list[dict]] | None = None) -> dict[str, float]:
+        prepare: Callable[[list[dict], bool], list[dict]] | None = None) -> dict[str, float]:
     """Train to trainer.<algo>.max_steps; returns the last validation metrics.
 
-    `prepare` runs on every list of micro-batches before use (e.g. DPO adds reference log-probs).
+    `prepare(micro_batches, training)` runs on every list of micro-batches before use (e.g. DPO
+    adds reference log-probs).
     `on_train_end` may return extra state (e.g. reward standardisation) for the final checkpoint.
     """
     from aligner.data.samplers import DistributedResumableSampler
@@ -112,7 +113,7 @@ def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str]
         items = [data.train[i] for i in indices]
         micro = micro_batches_for(items, run.micro_batch_size, data)
         if prepare:
-            micro = prepare(micro)
+            micro = prepare(micro, True)
         metrics = train_step(run.model, run.optimizer, run.scheduler, loss, micro)
         run.step += 1
         elapsed = time.perf_counter() - t0

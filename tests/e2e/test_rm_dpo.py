@@ -32,7 +32,7 @@ def test_dpo_raises_preference_accuracy_and_margin(movie_data, sft_run, tmp_path
     rows = read_metrics(log_dir)
     accuracy = dict(series(rows, "val/preference_accuracy"))
     margin = dict(series(rows, "val/implicit_reward_margin"))
-    kl = dict(series(rows, "val/kl_to_ref_k3"))
+    kl = dict(series(rows, "val/kl_to_ref"))
     assert accuracy[0] == 0.0 and margin[0] == 0.0 and kl[0] == 0.0  # policy == reference at the start
     assert accuracy[40] > 0.6 and accuracy[40] >= accuracy[20] - 0.05, accuracy
     assert margin[40] > margin[20] > 0, margin
