@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 
@@ -46,3 +51,33 @@ class SDPAttention(DotProductAttention):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                      scale=self.softmax_scale, enable_gqa=gqa)
         return context.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)
+
+
+class CachedRotarySelfAttention(SelfAttention):
+    """Self-attention whose KV cache holds keys already rotated by RoPE.
+
+    megatron's static-batching cache stores keys *before* the rotary embedding, so every decode
+    step re-rotates the whole cached key sequence in every layer: work that grows with the
+    length and cost ~35% of a decode step here. Rotating each key once, at its own position,
+    before it enters the cache gives the same attention scores (RoPE is absolute per position).
+    """
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
+                                        rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                                        sequence_len_offset=None, *, inference_params=None):
+        plain = (inference_context is None or not inference_context.is_static_batching()
+                 or rotary_pos_emb is None or rotary_pos_cos is not None)
+        if plain:
+            return super()._adjust_key_value_for_inference(
+                inference_context, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
+                rotary_pos_cos_sin, sequence_len_offset, inference_params=inference_params)
+        q_pos_emb, k_pos_emb = rotary_pos_emb
+        start = inference_context.sequence_len_offset
+        end = start + key.size(0)
+        key = apply_rotary_pos_emb(key, k_pos_emb[start:end], config=self.config,
+                                   mscale=_yarn_get_concentration_factor_from_config(self.config),
+                                   cp_group=self.pg_collection.cp)
+        query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
+            inference_context, query, key, value, None, None, None, None, sequence_len_offset,
+            inference_params=inference_params)
+        return query, key, value, (q_pos_emb[start:end], None), mask_type, block_table

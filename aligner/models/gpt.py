@@ -22,9 +22,11 @@ def layer_spec(config: ModelConfig, use_transformer_engine: bool | None = None):
         require("transformer_engine", "model.transformer_engine")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if config.is_llama else "LayerNorm")
-    if config.attention_backend == "sdpa":
-        from aligner.models.attention import SDPAttention
+    from aligner.models.attention import CachedRotarySelfAttention, SDPAttention
 
+    if config.is_llama:  # RoPE models: rotate keys once, before they enter the KV cache
+        spec.submodules.self_attention.module = CachedRotarySelfAttention
+    if config.attention_backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
