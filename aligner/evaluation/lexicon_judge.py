@@ -19,9 +19,14 @@ def vader_scores(texts: list[str]) -> list[float]:
 
 
 def judge_samples(path: str | Path) -> dict[str, float]:
-    """Mean VADER compound score of prompt + response over a samples jsonl written by PPO validation."""
+    """VADER over a samples jsonl written by PPO validation.
+
+    `vader_response_mean` judges what the policy wrote (the prompt is a fixed review prefix, the
+    same before and after PPO); `vader_full_mean` judges prompt + response, as the RM sees it.
+    """
     records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    texts = [r["prompt"] + r["response"] for r in records]
-    scores = vader_scores(texts)
-    return {"vader_compound_mean": mean(scores), "reward_mean": mean(r["reward"] for r in records),
-            "positive_fraction": mean(1.0 if s > 0.05 else 0.0 for s in scores), "samples": len(records)}
+    responses = vader_scores([r["response"] for r in records])
+    full = vader_scores([r["prompt"] + r["response"] for r in records])
+    return {"vader_response_mean": mean(responses), "vader_full_mean": mean(full),
+            "positive_response_fraction": mean(1.0 if s > 0.05 else 0.0 for s in responses),
+            "reward_mean": mean(r["reward"] for r in records), "samples": len(records)}

@@ -161,8 +161,8 @@ class PPOActor:
         self.offloader = OptimizerStateOffloader(run.optimizer, ppo.offload_device) if ppo.offload_adam_states else None
         self.sampling = SamplingParams.from_config(to_plain(ppo.sampling_params), to_plain(ppo.length_params),
                                                    seed=int(cfg.model.seed))
-        greedy = {k: v for k, v in to_plain(ppo.sampling_params).items() if k not in ("greedy", "use_greedy")}
-        self.val_sampling = SamplingParams.from_config({**greedy, "greedy": True},
+        sampling = {k: v for k, v in to_plain(ppo.sampling_params).items() if k not in ("greedy", "use_greedy")}
+        self.val_sampling = SamplingParams.from_config({**sampling, "greedy": bool(cfg.trainer.ppo.val_greedy)},
                                                        to_plain(ppo.length_params), seed=int(cfg.model.seed))
         max_len = int(cfg.model.encoder_seq_length)
         self.backend = build_backend(to_plain(cfg.trainer.ppo.trt_llm), run.model, eos_id=run.tokenizer.eos_id,
@@ -231,14 +231,16 @@ class PPOActor:
                 + self.run.layout.dp_rank) % (2 ** 62)
 
     @torch.no_grad()
-    def generate(self, prompt_indices: list[int], dataset: PromptDataset, params: SamplingParams) -> Rollouts:
+    def generate(self, prompt_indices: list[int], dataset: PromptDataset, params: SamplingParams,
+                 fixed_seed: bool = False) -> Rollouts:
+        """fixed_seed: keep params.seed (validation: the same draws at every evaluation)."""
         import dataclasses
 
         micro = int(self.cfg.model.ppo.rollout_micro_batch_size)
         outputs, futures, reward_futures = [], [], []
         for start in range(0, len(prompt_indices), micro):
             batch = collate_prompts([dataset[i] for i in prompt_indices[start:start + micro]], self.run.tokenizer.pad_id)
-            seeded = dataclasses.replace(params, seed=self.sampling_seed(start // micro))
+            seeded = params if fixed_seed else dataclasses.replace(params, seed=self.sampling_seed(start // micro))
             out = self.backend.generate(batch["prompt_tokens"], batch["prompt_lengths"], seeded)
             outputs.append(out)
             if self.is_caller:  # fire now; collect after the log-prob passes
@@ -461,7 +463,8 @@ def _endless(sampler):
 
 
 def validate(actor: PPOActor) -> dict[str, float]:
-    """Greedy rollouts on a fixed slice of the validation prompts, scored by the reward model."""
+    """Rollouts (greedy, or sampled with a fixed seed) on a fixed slice of the validation prompts,
+    scored by the reward model; the samples are written to samples/val_step_N.jsonl."""
     run = actor.run
     if actor.val_prompts is None:
         return {}
@@ -469,7 +472,10 @@ def validate(actor: PPOActor) -> dict[str, float]:
     dp, rank = run.layout.data_parallel, run.layout.dp_rank
     per_rank = max(count // dp, 1)
     indices = list(range(rank * per_rank, min((rank + 1) * per_rank, len(actor.val_prompts))))
-    rollouts = actor.generate(indices, actor.val_prompts, actor.val_sampling)
+    import dataclasses
+
+    seeded = dataclasses.replace(actor.val_sampling, seed=int(actor.cfg.model.seed) + 7 + run.layout.dp_rank)
+    rollouts = actor.generate(indices, actor.val_prompts, seeded, fixed_seed=True)
     actor.collect_scores(rollouts)
     n = float(len(indices))
     metrics = {

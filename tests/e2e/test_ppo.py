@@ -47,7 +47,7 @@ def test_ppo_raises_reward_and_independent_vader_score(movie_data, sft_run, rm_r
     assert all(0 <= k < 5 for k in kl), kl  # KL to the reference stays bounded
     samples = sorted((tmp_path / "actor" / "samples").glob("val_step_*.jsonl"))
     before, after = judge_samples(samples[0]), judge_samples(samples[-1])
-    assert after["vader_compound_mean"] > before["vader_compound_mean"], (before, after)
+    assert after["vader_response_mean"] > before["vader_response_mean"], (before, after)
     assert handler["applied_train_requests"] == PPO_STEPS
     gap = [v for _, v in series(rows, "rollout/generator_logprob_abs_gap")]
     assert max(gap) < 1e-3, gap  # our sampler and the trainer compute the same log-probs

@@ -118,10 +118,10 @@ def summarise(out: Path, elapsed: float) -> dict:
     for (step, reward), (_, kl) in zip(history.get("rollout/reward_mean", []), history.get("rollout/kl", [])):
         print(f"{step:5d} {reward:9.4f} {kl:9.4f}")
     summary = {"before_ppo": before, "after_ppo": after, "plot": str(plot), "elapsed_s": round(elapsed, 1)}
-    print(f"validation samples before PPO ({samples[0].name}): RM reward {before['reward_mean']:.3f}, "
-          f"VADER {before['vader_compound_mean']:.3f}, positive {before['positive_fraction']:.0%}")
-    print(f"validation samples after PPO  ({samples[-1].name}): RM reward {after['reward_mean']:.3f}, "
-          f"VADER {after['vader_compound_mean']:.3f}, positive {after['positive_fraction']:.0%}")
+    for label, judged, name in (("before", before, samples[0].name), ("after ", after, samples[-1].name)):
+        print(f"validation samples {label} PPO ({name}): RM reward {judged['reward_mean']:.3f}, "
+              f"VADER(response) {judged['vader_response_mean']:.3f}, VADER(prompt+response) "
+              f"{judged['vader_full_mean']:.3f}, positive responses {judged['positive_response_fraction']:.0%}")
     print(f"plot: {plot}\nwhole pipeline: {elapsed / 60:.1f} min")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
