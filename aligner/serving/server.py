@@ -608,7 +608,10 @@ class BackgroundServer:
                     dispatcher.close()
 
         if self._thread.is_alive():
-            server.trigger.pull_trigger(close_everything)
+            try:
+                server.trigger.pull_trigger(close_everything)
+            except OSError:  # the loop already closed its trigger (shutting down): nothing to wake
+                pass
             self._thread.join(timeout=max(wait_s, 1.0))
         else:
             close_everything()
