@@ -23,7 +23,7 @@ Target: >= 1.5x TRL (median pairs/s).
 """
 from __future__ import annotations
 
-import statistics
+import contextlib
 import sys
 import tempfile
 import time
@@ -53,7 +53,40 @@ def make_pairs():
 # ----------------------------------------------------------------------------------- aligner
 
 
-def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int):
+class OneWaySwap:
+    """Diagnostic stand-in for `ParkedWeights.swapped_in` with half the copies.
+
+    `ParkedWeights._exchange` is symmetric (scratch <- live, live <- parked, parked <- scratch),
+    so swapping in and out again copies every weight 6 times. The reference is frozen, so the
+    parked copy never needs rewriting: live -> scratch, parked -> live, and back from scratch
+    is 3 copies, same result.
+    """
+
+    def __init__(self, parked):
+        self.parked = parked
+        self.scratch = {name: torch.empty_like(t) for name, t in parked.host.items()}
+
+    @contextlib.contextmanager
+    def swapped_in(self, model):
+        from aligner.models.gpt import unwrap
+
+        base = unwrap(model)
+        live = dict(base.named_parameters())
+        live.update({k: v for k, v in base.named_buffers() if v.is_floating_point()})
+        with torch.no_grad():
+            for name, parked in self.parked.host.items():
+                self.scratch[name].copy_(live[name])
+                live[name].copy_(parked)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name in self.parked.host:
+                    live[name].copy_(self.scratch[name])
+
+
+def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int, fixes: bool = False):
+    """One DPO step of aligner; `fixes=True` adds the candidate library fixes (diagnostic)."""
     from aligner.data.collate import collate_comparisons
     from aligner.models.weight_swap import ParkedWeights
     from aligner.trainers.dpo import PreferenceLoss, ReferenceLogProbs
@@ -67,6 +100,11 @@ def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int):
          "sched": {"name": "Constant"}}, max_steps=10**6, gradient_clip_val=CLIP)
     ddp = wrap_data_parallel(model, settings)
     optimizer, scheduler = build_optimizer(ddp, settings, dtype)
+    if fixes:
+        from bench_sft_train import use_fused_adam
+
+        use_fused_adam(optimizer)
+        reference = OneWaySwap(reference)
     loss = PreferenceLoss(beta=BETA, loss_type="dpo", average_log_probs=False, sft_loss_weight=0.0,
                           preference_loss_weight=1.0, gt_reward_scale=1.0)
     items = [{"chosen": torch.tensor(e["prompt_ids"] + e["chosen_ids"]),
@@ -167,7 +205,7 @@ def hf_sequence_logps(model, examples) -> torch.Tensor:
     return picked[:, PROMPT_LEN - 1:].sum(-1)
 
 
-def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend: str) -> dict:
+def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend: str, diagnostics: bool) -> dict:
     dtype = common.DTYPES[dtype_name]
     examples = make_pairs()
     tokenizer = common.hf_tokenizer()
@@ -185,6 +223,9 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend
     del check
 
     ours = {name: aligner_stepper(dtype, backend, examples, tokenizer.pad_token_id)}
+    if diagnostics:
+        ours[f"{name} + fused Adam + one-way swap (diagnostic)"] = aligner_stepper(
+            dtype, backend, examples, tokenizer.pad_token_id, fixes=True)
     # peer name -> autocast (TRL's bf16=True: fp32 weights, bf16 compute)
     peers = {"TRL DPOTrainer": False} if dtype == torch.float32 else \
         {"TRL DPOTrainer bf16 autocast": True, "TRL DPOTrainer bf16 weights": False}
@@ -204,13 +245,13 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend
         peaks += callback.peaks
 
     stats = {n: common.summarize(v) for n, v in {**ours_pairs, **trl_pairs}.items()}
-    ratios = {f"{name} / {p}": stats[name]["median"] / stats[p]["median"] for p in trl_pairs}
+    ratios = common.ratios(stats, list(ours_pairs), list(trl_pairs))
     best_peer = max(trl_pairs, key=lambda p: stats[p]["median"])
-    targets = [common.target(f"{name} / {best_peer} (median pairs/s)", ratios[f"{name} / {best_peer}"], TARGET_RATIO)]
+    targets = [common.target(f"{name} / {best_peer} (median pairs/s)", ratios["median"][f"{name} / {best_peer}"],
+                             TARGET_RATIO)]
     for n, s in stats.items():
-        print(f"  {n:32s} median {s['median']:7.2f} pairs/s  min {s['min']:7.2f}  spread {s['spread']:5.1%}")
-    for k, v in ratios.items():
-        print(f"  ratio {k}: {v:.2f}x")
+        print(f"  {n:58s} median {s['median']:7.2f} pairs/s  min {s['min']:7.2f}  spread {s['spread']:5.1%}")
+    common.print_ratios(ratios)
     for t in targets:
         print(f"  target {t['name']} >= {t['threshold']}: {t['value']:.3f} -> {'met' if t['met'] else 'MISSED'}")
     payload = {
@@ -235,12 +276,14 @@ def main(argv=None):
     parser = common.base_arguments(__doc__.splitlines()[0], reps=5)
     parser.add_argument("--steps", type=int, default=4, help="DPO steps per timed block")
     parser.add_argument("--backend", choices=["sdpa", "local"], default="sdpa", help="aligner attention backend")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also time aligner with candidate library fixes applied in-process (not targets)")
     args = parser.parse_args(argv)
     common.quiet_libraries()
     common.set_threads()
     common.start_megatron()
     for dtype_name in common.dtypes_of(args.dtype):
-        run_dtype(dtype_name, args.reps, args.warmup, args.steps, args.backend)
+        run_dtype(dtype_name, args.reps, args.warmup, args.steps, args.backend, args.diagnostics)
 
 
 if __name__ == "__main__":

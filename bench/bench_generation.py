@@ -10,12 +10,14 @@ Contenders, same weights, same process, interleaved:
   * aligner no cache: `KVCacheSampler.generate_no_cache`, the plain model path that
     recomputes the whole sequence for every new token;
   * transformers: `LlamaForCausalLM.generate(do_sample=True)` with its default dynamic KV cache;
-  * diagnostic, aligner KV cache without the CPU TorchFunctionMode (what the sampler would cost
-    if megatron-core's CPU redirections did not intercept every torch call); not a target.
+  * with --diagnostics, candidate library fixes applied in-process (not targets): the KV-cache
+    sampler without the CPU TorchFunctionMode (the inference path needs none of its
+    redirections), and additionally with leaner per-step sampling maths (`lean_sampling`).
 Target: KV-cache sampler >= 1.5x transformers (median new tokens/s).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -28,7 +30,54 @@ PROMPTS, PROMPT_LEN, NEW_TOKENS = 32, 32, 64
 TARGET_RATIO = 1.5
 
 
-def run_dtype(dtype_name: str, reps: int, warmup: int, shim_diagnostic: bool) -> dict:
+@contextlib.contextmanager
+def lean_sampling():
+    """Diagnostic: the sampler's per-step token maths with fewer passes over the [B, V] logits.
+
+    Same distribution and, for suppression and sampling, bit-identical draws; differences from
+    aligner.generation.sampling: EOS suppression converts to float32 once instead of cloning
+    and converting again, temperature 1 skips the division, disabled top-k/top-p skip
+    `filter_logits`' unconditional clone, and log-probs use the fused `log_softmax` kernel
+    instead of the composite `logsumexp` (max, subtract, exp, sum, log).
+    """
+    from aligner.generation import sampler as sampler_module
+    from aligner.generation.sampling import filter_logits, sample_from_probs
+
+    def suppress_eos(logits, eos_id, step, min_length):
+        if min_length <= 0:
+            return logits
+        too_short = torch.as_tensor(step, device=logits.device) < min_length
+        if not too_short.any():
+            return logits
+        out = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        out[:, eos_id].masked_fill_(too_short, float("-inf"))
+        return out
+
+    def sample_next(logits, params, generator):
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+        if params.greedy:
+            return logits.argmax(dim=-1)
+        scaled = logits.float()
+        if params.temperature != 1.0:
+            scaled = scaled / params.temperature
+        if params.top_k > 0 or params.top_p < 1.0:
+            scaled = filter_logits(scaled, params.top_k, params.top_p)
+        return sample_from_probs(torch.softmax(scaled, dim=-1), uniform)
+
+    def token_logprobs(logits, tokens):
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    saved = {name: getattr(sampler_module, name) for name in ("suppress_eos", "sample_next", "token_logprobs")}
+    for name, fn in (("suppress_eos", suppress_eos), ("sample_next", sample_next), ("token_logprobs", token_logprobs)):
+        setattr(sampler_module, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(sampler_module, name, fn)
+
+
+def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool) -> dict:
     from aligner.generation.params import SamplingParams
     from aligner.generation.sampler import KVCacheSampler
 
@@ -66,9 +115,21 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, shim_diagnostic: bool) ->
                           eos_token_id=eos, pad_token_id=pad)
         assert out.shape == (PROMPTS, PROMPT_LEN + NEW_TOKENS), f"transformers returned {tuple(out.shape)}"
 
-    def without_shim():
+    def without_mode():
         with common.peer_context():
             ours(True)()
+
+    def lean_without_mode():
+        with common.peer_context(), lean_sampling():
+            ours(True)()
+
+    if diagnostics:  # the lean maths must draw the very same tokens as the library's
+        same_seed = SamplingParams(min_length=NEW_TOKENS, max_length=NEW_TOKENS, seed=12345)
+        reference = sampler.generate(prompts, lengths, same_seed)
+        with lean_sampling():
+            lean = sampler.generate(prompts, lengths, same_seed)
+        assert torch.equal(reference.tokens, lean.tokens), "lean_sampling drew different tokens"
+        assert torch.allclose(reference.generator_logprobs, lean.generator_logprobs, atol=1e-4)
 
     work = PROMPTS * NEW_TOKENS
     contenders = [
@@ -76,21 +137,23 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, shim_diagnostic: bool) ->
         common.Contender("aligner no cache", lambda: common.timed(ours(False)), work),
         common.Contender("transformers generate", lambda: common.timed(theirs), work, peer=True),
     ]
-    if shim_diagnostic:
-        contenders.append(common.Contender("diagnostic: aligner KV cache, no CPU mode",
-                                           lambda: common.timed(without_shim), work))
+    if diagnostics:
+        contenders += [
+            common.Contender("diagnostic: KV cache, no CPU mode", lambda: common.timed(without_mode), work),
+            common.Contender("diagnostic: KV cache, no CPU mode, lean sampling",
+                             lambda: common.timed(lean_without_mode), work),
+        ]
     print(f"[{dtype_name}] {reps} reps of {PROMPTS} prompts x {NEW_TOKENS} new tokens (new tokens/s):")
     throughput, peaks = common.interleave(contenders, reps, warmup, dtype)
 
     stats = {name: common.summarize(values) for name, values in throughput.items()}
     peer = "transformers generate"
-    ratios = {f"{name} / {peer}": stats[name]["median"] / stats[peer]["median"] for name in stats if name != peer}
+    ratios = common.ratios(stats, [name for name in stats if name != peer], [peer])
     targets = [common.target(f"aligner KV cache / {peer} (median new tokens/s)",
-                             ratios[f"aligner KV cache / {peer}"], TARGET_RATIO)]
+                             ratios["median"][f"aligner KV cache / {peer}"], TARGET_RATIO)]
     for name, s in stats.items():
         print(f"  {name:44s} median {s['median']:8,.0f} tok/s  min {s['min']:8,.0f}  spread {s['spread']:5.1%}")
-    for k, v in ratios.items():
-        print(f"  ratio {k}: {v:.2f}x")
+    common.print_ratios(ratios)
     for t in targets:
         print(f"  target {t['name']} >= {t['threshold']}: {t['value']:.3f} -> {'met' if t['met'] else 'MISSED'}")
     payload = {
@@ -110,14 +173,15 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, shim_diagnostic: bool) ->
 
 def main(argv=None):
     parser = common.base_arguments(__doc__.splitlines()[0], reps=5)
-    parser.add_argument("--no-shim-diagnostic", action="store_true",
-                        help="skip the diagnostic contender that runs the sampler without the CPU mode")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also time the KV-cache sampler with candidate library fixes applied in-process: "
+                             "without the CPU TorchFunctionMode, and with leaner sampling maths (not targets)")
     args = parser.parse_args(argv)
     common.quiet_libraries()
     common.set_threads()
     common.start_megatron()
     for dtype_name in common.dtypes_of(args.dtype):
-        run_dtype(dtype_name, args.reps, args.warmup, not args.no_shim_diagnostic)
+        run_dtype(dtype_name, args.reps, args.warmup, args.diagnostics)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,18 @@ class Cycle:
 # ----------------------------------------------------------------------------------- aligner
 
 
-def aligner_stepper(dtype: torch.dtype, backend: str, windows):
+def use_fused_adam(optimizer) -> None:
+    """Diagnostic: switch the torch Adam inside megatron's optimizer to torch's fused CPU kernel.
+
+    megatron-core builds `torch.optim.Adam(...)` without `fused`/`foreach` when neither TE nor
+    apex is installed, and on CPU that means torch's per-tensor Python loop (~8 ops per tensor).
+    Must run before the first step (the step counters' dtype is chosen then).
+    """
+    for group in optimizer.optimizer.param_groups:
+        group["fused"], group["foreach"] = True, False
+
+
+def aligner_stepper(dtype: torch.dtype, backend: str, windows, fused_adam: bool = False):
     from aligner.trainers.sft import SFTLoss
     from aligner.training.optim import OptimSettings, build_optimizer, wrap_data_parallel
     from aligner.training.step import train_step
@@ -62,6 +73,8 @@ def aligner_stepper(dtype: torch.dtype, backend: str, windows):
          "sched": {"name": "Constant"}}, max_steps=10**6, gradient_clip_val=CLIP)
     ddp = wrap_data_parallel(model, settings)
     optimizer, scheduler = build_optimizer(ddp, settings, dtype)
+    if fused_adam:
+        use_fused_adam(optimizer)
     loss = SFTLoss()
     batches = Cycle([{"tokens": w[:, :SEQ].contiguous(), "labels": w[:, 1:].contiguous(),
                       "loss_mask": torch.ones(BATCH, SEQ)} for w in windows])
@@ -104,12 +117,14 @@ def block(step, steps: int):
     return lambda: common.timed(lambda: [step() for _ in range(steps)])
 
 
-def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int) -> dict:
+def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int, diagnostics: bool) -> dict:
     dtype = common.DTYPES[dtype_name]
     windows = make_batches()
     ours = {}
     for backend in ("sdpa", "local"):
         ours[backend] = aligner_stepper(dtype, backend, windows)
+    if diagnostics:
+        ours["sdpa + fused Adam (diagnostic)"] = aligner_stepper(dtype, "sdpa", windows, fused_adam=True)
     params, config = ours["sdpa"][1], ours["sdpa"][2]
     peers = {"transformers": (False,)} if dtype == torch.float32 else \
         {"transformers autocast": (True,), "transformers bf16 weights": (False,)}
@@ -139,19 +154,17 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int) -> dict:
         stats[name] = s
     peer_names = list(peer_steps)
     best_peer = max(peer_names, key=lambda n: stats[n]["median"])
-    ratios = {f"{o} / {p}": stats[o]["median"] / stats[p]["median"]
-              for o in (f"aligner {b}" for b in ours) for p in peer_names}
+    ratios = common.ratios(stats, [f"aligner {b}" for b in ours], peer_names)
     default = "aligner sdpa"
-    targets = [common.target(f"{default} / {best_peer} (median tokens/s)", ratios[f"{default} / {best_peer}"],
-                             TARGET_RATIO)]
+    targets = [common.target(f"{default} / {best_peer} (median tokens/s)",
+                             ratios["median"][f"{default} / {best_peer}"], TARGET_RATIO)]
     if dtype == torch.bfloat16:
         targets.append(common.target(f"{default} MFU", stats[default]["mfu"], TARGET_MFU))
     for name, s in stats.items():
-        print(f"  {name:28s} median {s['median']:8,.0f} tok/s  min {s['min']:8,.0f}  spread {s['spread']:5.1%}  "
+        print(f"  {name:40s} median {s['median']:8,.0f} tok/s  min {s['min']:8,.0f}  spread {s['spread']:5.1%}  "
               f"MFU {s['mfu']:6.1%}")
     print(f"  matmul {dtype_name} ceiling median {peak / 1e9:,.0f} GFLOP/s")
-    for k, v in ratios.items():
-        print(f"  ratio {k}: {v:.2f}x")
+    common.print_ratios(ratios)
     for t in targets:
         print(f"  target {t['name']} >= {t['threshold']}: {t['value']:.3f} -> {'met' if t['met'] else 'MISSED'}")
     payload = {
@@ -174,12 +187,14 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int) -> dict:
 def main(argv=None):
     parser = common.base_arguments(__doc__.splitlines()[0], reps=5)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timed block")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also time aligner with candidate library fixes applied in-process (not targets)")
     args = parser.parse_args(argv)
     common.quiet_libraries()
     common.set_threads()
     common.start_megatron()
     for dtype_name in common.dtypes_of(args.dtype):
-        run_dtype(dtype_name, args.reps, args.warmup, args.steps)
+        run_dtype(dtype_name, args.reps, args.warmup, args.steps, args.diagnostics)
 
 
 if __name__ == "__main__":

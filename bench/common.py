@@ -284,10 +284,29 @@ def _run(c: Contender) -> float:
 
 
 def summarize(values: Sequence[float]) -> dict:
-    """median, min, max, spread ((max - min) / median) and all values."""
+    """median, min, max, spread ((max - min) / median) and all values of a throughput series."""
     med = statistics.median(values)
     return {"median": med, "min": min(values), "max": max(values),
             "spread": (max(values) - min(values)) / med if med else float("nan"), "values": list(values)}
+
+
+def ratios(stats: dict, ours: Sequence[str], peers: Sequence[str]) -> dict:
+    """Throughput ratios ours / peer, of the medians and of the best repetitions.
+
+    The median is the headline (BENCH_CONFIG). On a shared machine the slow repetitions are
+    slow because of other jobs (with 2 OpenMP threads one descheduled thread stalls every
+    operator), so the ratio of the best repetitions, each side's least-disturbed run, is the
+    steadier estimate of the intrinsic ratio; both are reported.
+    """
+    return {
+        "median": {f"{o} / {p}": stats[o]["median"] / stats[p]["median"] for o in ours for p in peers},
+        "best": {f"{o} / {p}": stats[o]["max"] / stats[p]["max"] for o in ours for p in peers},
+    }
+
+
+def print_ratios(table: dict) -> None:
+    for key in table["median"]:
+        print(f"  ratio {key}: {table['median'][key]:.2f}x (medians), {table['best'][key]:.2f}x (best reps)")
 
 
 def target(name: str, value: float, threshold: float) -> dict:
