@@ -155,7 +155,8 @@ def trl_trainer(dtype: torch.dtype, autocast: bool, examples, total_steps: int, 
                                   processing_class=common.hf_tokenizer(), callbacks=[callback])
 
 
-def interleaved_callback(block_steps: int, warmup_steps: int, reps: int, ours: dict, dtype: torch.dtype):
+def interleaved_callback(block_steps: int, warmup_steps: int, reps: int, ours: dict, dtype: torch.dtype,
+                         quiet=(0.0, 0.0)):
     """A TrainerCallback timing every TRL step and running aligner blocks between TRL blocks."""
     from transformers import TrainerCallback
 
@@ -166,6 +167,7 @@ def interleaved_callback(block_steps: int, warmup_steps: int, reps: int, ours: d
             self.trl_blocks: list[float] = []
             self.ours_blocks = {name: [] for name in ours}
             self.peaks: list[float] = []
+            self.loads: list[float] = []
             self.reenter = None  # set by the caller: context that re-enters aligner's CPU mode
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -184,6 +186,8 @@ def interleaved_callback(block_steps: int, warmup_steps: int, reps: int, ours: d
                 print(f"  rep {len(self.trl_blocks)}/{reps}: TRL={PAIRS * block_steps / self.trl_blocks[-1]:.2f} "
                       + " ".join(f"{n}={PAIRS * block_steps / v[-1]:.2f}" for n, v in self.ours_blocks.items()
                                  if v) + f" pairs/s, matmul={self.peaks[-1] / 1e9:,.0f} GFLOP/s", flush=True)
+            if done >= 0 and len(self.trl_blocks) < reps and done % block_steps == 0:
+                self.loads.append(common.wait_for_quiet(*quiet))  # before the next round starts
             self.mark = time.perf_counter()
 
         def _ours(self, record: bool):
@@ -205,7 +209,8 @@ def hf_sequence_logps(model, examples) -> torch.Tensor:
     return picked[:, PROMPT_LEN - 1:].sum(-1)
 
 
-def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend: str, diagnostics: bool) -> dict:
+def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend: str, diagnostics: bool,
+              quiet=(0.0, 0.0)) -> dict:
     dtype = common.DTYPES[dtype_name]
     examples = make_pairs()
     tokenizer = common.hf_tokenizer()
@@ -229,12 +234,12 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend
     # peer name -> autocast (TRL's bf16=True: fp32 weights, bf16 compute)
     peers = {"TRL DPOTrainer": False} if dtype == torch.float32 else \
         {"TRL DPOTrainer bf16 autocast": True, "TRL DPOTrainer bf16 weights": False}
-    trl_pairs, ours_pairs, peaks = {}, {n: [] for n in ours}, []
+    trl_pairs, ours_pairs, peaks, loads = {}, {n: [] for n in ours}, [], []
     warmup_steps = max(1, warmup) * block_steps
     for peer_name, autocast in peers.items():
         print(f"[{dtype_name}] {peer_name} interleaved with {', '.join(ours)}: {reps} reps x {block_steps} steps "
               f"of {PAIRS} pairs (pairs/s)")
-        callback = interleaved_callback(block_steps, warmup_steps, reps, ours, dtype)
+        callback = interleaved_callback(block_steps, warmup_steps, reps, ours, dtype, quiet)
         with tempfile.TemporaryDirectory() as out_dir, common.peer_context() as reenter:
             callback.reenter = reenter
             trainer = trl_trainer(dtype, autocast, examples, warmup_steps + reps * block_steps, callback, out_dir)
@@ -243,6 +248,7 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend
         for n, seconds in callback.ours_blocks.items():
             ours_pairs[n] += [PAIRS * block_steps / s for s in seconds]
         peaks += callback.peaks
+        loads += callback.loads
 
     stats = {n: common.summarize(v) for n, v in {**ours_pairs, **trl_pairs}.items()}
     ratios = common.ratios(stats, list(ours_pairs), list(trl_pairs))
@@ -263,6 +269,7 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend
                      "attention_backend": backend},
         "sanity": sanity,
         "matmul_flops": common.summarize(peaks),
+        "load_average_1m_per_rep": loads,
         "pairs_per_s": stats,
         "ratios": ratios,
         "targets": targets,
@@ -283,7 +290,8 @@ def main(argv=None):
     common.set_threads()
     common.start_megatron()
     for dtype_name in common.dtypes_of(args.dtype):
-        run_dtype(dtype_name, args.reps, args.warmup, args.steps, args.backend, args.diagnostics)
+        run_dtype(dtype_name, args.reps, args.warmup, args.steps, args.backend, args.diagnostics,
+                  (args.quiet_load, args.max_wait))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def lean_sampling():
             setattr(sampler_module, name, fn)
 
 
-def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool) -> dict:
+def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool, quiet=(0.0, 0.0)) -> dict:
     from aligner.generation.params import SamplingParams
     from aligner.generation.sampler import KVCacheSampler
 
@@ -144,7 +144,8 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool) -> dic
                              lambda: common.timed(lean_without_mode), work),
         ]
     print(f"[{dtype_name}] {reps} reps of {PROMPTS} prompts x {NEW_TOKENS} new tokens (new tokens/s):")
-    throughput, peaks = common.interleave(contenders, reps, warmup, dtype)
+    loads = []
+    throughput, peaks = common.interleave(contenders, reps, warmup, dtype, quiet=quiet, loads=loads)
 
     stats = {name: common.summarize(values) for name, values in throughput.items()}
     peer = "transformers generate"
@@ -162,6 +163,7 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool) -> dic
                      "top_k": 0, "top_p": 1.0, "forced_full_length": "min_length = max_length (EOS suppressed)",
                      "reps": reps, "warmup_blocks": warmup},
         "matmul_flops": common.summarize(peaks),
+        "load_average_1m_per_rep": loads,
         "new_tokens_per_s": stats,
         "ratios": ratios,
         "targets": targets,
@@ -181,7 +183,7 @@ def main(argv=None):
     common.set_threads()
     common.start_megatron()
     for dtype_name in common.dtypes_of(args.dtype):
-        run_dtype(dtype_name, args.reps, args.warmup, args.diagnostics)
+        run_dtype(dtype_name, args.reps, args.warmup, args.diagnostics, (args.quiet_load, args.max_wait))
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def block(step, steps: int):
     return lambda: common.timed(lambda: [step() for _ in range(steps)])
 
 
-def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int, diagnostics: bool) -> dict:
+def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int, diagnostics: bool, quiet=(0.0, 0.0)) -> dict:
     dtype = common.DTYPES[dtype_name]
     windows = make_batches()
     ours = {}
@@ -144,7 +144,8 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int, diagnostics: 
     contenders = [common.Contender(f"aligner {b}", block(ours[b][0], steps), tokens_per_block) for b in ours]
     contenders += [common.Contender(n, block(s, steps), tokens_per_block, peer=True) for n, (s, _m) in peer_steps.items()]
     print(f"[{dtype_name}] {reps} reps x {steps} steps of {BATCH}x{SEQ} tokens (tokens/s):")
-    throughput, peaks = common.interleave(contenders, reps, warmup, dtype)
+    loads = []
+    throughput, peaks = common.interleave(contenders, reps, warmup, dtype, quiet=quiet, loads=loads)
 
     peak = statistics.median(peaks)
     stats = {}
@@ -174,6 +175,7 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int, diagnostics: 
                      "params": params},
         "first_step_losses": first_losses,
         "matmul_flops": common.summarize(peaks),
+        "load_average_1m_per_rep": loads,
         "tokens_per_s": stats,
         "ratios": ratios,
         "targets": targets,
@@ -194,7 +196,7 @@ def main(argv=None):
     common.set_threads()
     common.start_megatron()
     for dtype_name in common.dtypes_of(args.dtype):
-        run_dtype(dtype_name, args.reps, args.warmup, args.steps, args.diagnostics)
+        run_dtype(dtype_name, args.reps, args.warmup, args.steps, args.diagnostics, (args.quiet_load, args.max_wait))
 
 
 if __name__ == "__main__":

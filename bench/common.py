@@ -253,12 +253,27 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
+    """Wait (at most max_wait_s) until the 1-minute load average is <= max_load; return it.
+
+    max_load <= 0 disables waiting. The load average counts this process too (about 2 while
+    it computes), and lags by about a minute, so it is a coarse filter against other jobs.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while max_load > 0 and os.getloadavg()[0] > max_load and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def interleave(contenders: Sequence[Contender], reps: int, warmup: int, dtype: torch.dtype,
-               log=print) -> tuple[dict[str, list[float]], list[float]]:
+               log=print, quiet: tuple[float, float] = (0.0, 0.0),
+               loads: list | None = None) -> tuple[dict[str, list[float]], list[float]]:
     """Throughput per repetition of every contender, and the matmul FLOP/s of every round.
 
     Each round runs every contender once (rotating who goes first, so drift and cache warmth
-    favour no one) and one matmul-ceiling measurement.
+    favour no one) and one matmul-ceiling measurement. `quiet` = (max_load, max_wait_s) for
+    `wait_for_quiet` before each round; the 1-minute load average at the start of each round
+    is appended to `loads`.
     """
     for _ in range(warmup):
         for c in contenders:
@@ -266,6 +281,9 @@ def interleave(contenders: Sequence[Contender], reps: int, warmup: int, dtype: t
     throughput = {c.name: [] for c in contenders}
     peaks = []
     for rep in range(reps):
+        load = wait_for_quiet(*quiet)
+        if loads is not None:
+            loads.append(load)
         order = list(contenders[rep % len(contenders):]) + list(contenders[:rep % len(contenders)])
         for c in order:
             seconds = _run(c)
@@ -370,6 +388,9 @@ def base_arguments(description: str, reps: int) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument("--reps", type=int, default=reps, help="timed repetitions per contender (>= 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed blocks per contender first")
+    parser.add_argument("--quiet-load", type=float, default=0.0,
+                        help="before each round wait until the 1-minute load average is at most this (0: never wait)")
+    parser.add_argument("--max-wait", type=float, default=300.0, help="longest wait for --quiet-load, seconds")
     return parser
 
 

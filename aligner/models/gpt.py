@@ -45,7 +45,9 @@ class ScalarHead(nn.Module):
         self.sequence_parallel = False
 
     def forward(self, hidden, weight=None, runtime_gather_output=None):
-        return torch.nn.functional.linear(hidden, self.weight), None
+        # computed in fp32 even on a bf16 trunk: values feed GAE and BT losses (the optimizer's
+        # fp32 master copy keeps the weight itself precise)
+        return torch.nn.functional.linear(hidden.float(), self.weight.float()), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -84,10 +86,7 @@ def build_gpt(
     )
     if scalar_head and post_process:
         model.output_layer = ScalarHead(config.hidden_size, torch.float32)
-    model = model.to(dtype)
-    if scalar_head and post_process:
-        model.output_layer.float()  # the value head stays fp32: values feed GAE and BT losses
-    return model
+    return model.to(dtype)
 
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
