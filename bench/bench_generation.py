@@ -130,6 +130,9 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool, quiet=
             lean = sampler.generate(prompts, lengths, same_seed)
         assert torch.equal(reference.tokens, lean.tokens), "lean_sampling drew different tokens"
         assert torch.allclose(reference.generator_logprobs, lean.generator_logprobs, atol=1e-4)
+        with common.peer_context():  # the inference path needs none of the CPU mode's redirections
+            unmoded = sampler.generate(prompts, lengths, same_seed)
+        assert torch.equal(reference.tokens, unmoded.tokens), "the sampler without the CPU mode drew other tokens"
 
     work = PROMPTS * NEW_TOKENS
     contenders = [

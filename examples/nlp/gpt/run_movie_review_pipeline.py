@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--rm-steps", type=int, default=150)
-    parser.add_argument("--ppo-steps", type=int, default=30)
+    parser.add_argument("--ppo-steps", type=int, default=60)
     args = parser.parse_args(argv)
     if args.quick:
         args.sft_steps, args.rm_steps, args.ppo_steps = 6, 6, 2
