@@ -85,8 +85,48 @@ class OneWaySwap:
                     live[name].copy_(self.scratch[name])
 
 
-def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int, fixes: bool = False):
-    """One DPO step of aligner; `fixes=True` adds the candidate library fixes (diagnostic)."""
+def answer_only_head(model, first: int, end: int) -> None:
+    """Diagnostic: the vocabulary projection only at positions [first, end).
+
+    GPTModel projects every position onto the vocabulary (here 42% of the model's matmul FLOPs
+    per token), and the DPO losses then read log-probs of answer tokens only. With every prompt
+    32 tokens long the answer predictions are positions 31..62, so the hidden states [S, B, H]
+    are sliced before the output layer; `AnswerSlice` slices labels and masks to match. A
+    library version would gather each micro-batch's loss-mask positions.
+    """
+    from aligner.models.gpt import unwrap
+
+    output_layer = unwrap(model).output_layer
+    output_forward = output_layer.forward
+
+    def sliced_output(hidden, weight=None, runtime_gather_output=None):
+        return output_forward(hidden[first:end], weight=weight, runtime_gather_output=runtime_gather_output)
+
+    output_layer.forward = sliced_output
+
+
+class AnswerSlice:
+    """Diagnostic wrapper of a MicroBatchLoss: labels, loss mask and reference log-probs
+    [B, S] -> [B, first:end], matching the logits of `answer_only_head`."""
+
+    def __init__(self, inner, first: int, end: int):
+        self.inner, self.first, self.end = inner, first, end
+        self.metric_names = inner.metric_names
+
+    def __getattr__(self, name):  # finalize_metrics and the like
+        return getattr(self.inner, name)
+
+    def forward(self, model, batch):
+        sliced = dict(batch)
+        for key in ("labels", "loss_mask", "ref_token_logps"):
+            if key in batch and batch[key].shape[1] != self.end - self.first:
+                sliced[key] = batch[key][:, self.first:self.end]
+        return self.inner.forward(model, sliced)
+
+
+def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int, fixes: tuple[str, ...] = ()):
+    """One DPO step of aligner. `fixes` (diagnostic only): candidate library fixes to apply,
+    any of "fused_adam", "one_way_swap", "answer_only_head"."""
     from aligner.data.collate import collate_comparisons
     from aligner.models.weight_swap import ParkedWeights
     from aligner.trainers.dpo import PreferenceLoss, ReferenceLogProbs
@@ -94,19 +134,26 @@ def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int, fix
     from aligner.training.step import collect_forward, train_step
 
     model, _config = common.load_aligner_model(dtype, backend)
+    first, end = PROMPT_LEN - 1, PROMPT_LEN + ANSWER_LEN - 1  # positions predicting answer tokens
+    if "answer_only_head" in fixes:
+        answer_only_head(model, first, end)
     reference = ParkedWeights(model)  # the initial policy, as park_initial_weights does at step 0
     settings = OptimSettings.from_config(
         {"name": "adam", "lr": LR, "weight_decay": 0.0, "betas": list(BETAS), "eps": EPS,
          "sched": {"name": "Constant"}}, max_steps=10**6, gradient_clip_val=CLIP)
     ddp = wrap_data_parallel(model, settings)
     optimizer, scheduler = build_optimizer(ddp, settings, dtype)
-    if fixes:
+    if "fused_adam" in fixes:
         from bench_sft_train import use_fused_adam
 
         use_fused_adam(optimizer)
+    if "one_way_swap" in fixes:
         reference = OneWaySwap(reference)
     loss = PreferenceLoss(beta=BETA, loss_type="dpo", average_log_probs=False, sft_loss_weight=0.0,
                           preference_loss_weight=1.0, gt_reward_scale=1.0)
+    reference_loss = ReferenceLogProbs()
+    if "answer_only_head" in fixes:
+        loss, reference_loss = AnswerSlice(loss, first, end), AnswerSlice(reference_loss, first, end)
     items = [{"chosen": torch.tensor(e["prompt_ids"] + e["chosen_ids"]),
               "rejected": torch.tensor(e["prompt_ids"] + e["rejected_ids"]),
               "chosen_prompt_len": len(e["prompt_ids"]), "rejected_prompt_len": len(e["prompt_ids"]),
@@ -118,7 +165,7 @@ def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int, fix
         state["i"] += 1
         micro_batches = [collate_comparisons(items[start:start + PAIRS], pad_id)]
         with reference.swapped_in(ddp):
-            records = collect_forward(ddp, ReferenceLogProbs(), micro_batches)
+            records = collect_forward(ddp, reference_loss, micro_batches)
         for micro, record in zip(micro_batches, records):
             micro["ref_token_logps"] = record["token_logps"]
         return train_step(ddp, optimizer, scheduler, loss, micro_batches)
@@ -229,12 +276,23 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend
 
     ours = {name: aligner_stepper(dtype, backend, examples, tokenizer.pad_token_id)}
     if diagnostics:
+        small = ("fused_adam", "one_way_swap")
         ours[f"{name} + fused Adam + one-way swap (diagnostic)"] = aligner_stepper(
-            dtype, backend, examples, tokenizer.pad_token_id, fixes=True)
+            dtype, backend, examples, tokenizer.pad_token_id, fixes=small)
+        ours[f"{name} + those + answer-only head (diagnostic)"] = aligner_stepper(
+            dtype, backend, examples, tokenizer.pad_token_id, fixes=small + ("answer_only_head",))
+        # The answer-only head must not change what is computed: same first-step metrics.
+        lean_first = aligner_stepper(dtype, backend, examples, tokenizer.pad_token_id,
+                                     fixes=("answer_only_head",))()
+        assert abs(lean_first["chosen_logps"] - first["chosen_logps"]) < 1e-3 * abs(first["chosen_logps"]), \
+            (lean_first, first)
+        assert abs(lean_first["loss"] - first["loss"]) < 1e-5, (lean_first, first)
+        sanity["answer_only_head_first_step"] = {"loss": lean_first["loss"], "chosen_logps": lean_first["chosen_logps"]}
     # peer name -> autocast (TRL's bf16=True: fp32 weights, bf16 compute)
     peers = {"TRL DPOTrainer": False} if dtype == torch.float32 else \
         {"TRL DPOTrainer bf16 autocast": True, "TRL DPOTrainer bf16 weights": False}
     trl_pairs, ours_pairs, peaks, loads = {}, {n: [] for n in ours}, [], []
+    ours_by_run = {}  # peer -> aligner contender -> pairs/s measured interleaved with that peer
     warmup_steps = max(1, warmup) * block_steps
     for peer_name, autocast in peers.items():
         print(f"[{dtype_name}] {peer_name} interleaved with {', '.join(ours)}: {reps} reps x {block_steps} steps "
@@ -245,18 +303,26 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend
             trainer = trl_trainer(dtype, autocast, examples, warmup_steps + reps * block_steps, callback, out_dir)
             trainer.train()
         trl_pairs[peer_name] = [PAIRS * block_steps / s for s in callback.trl_blocks]
-        for n, seconds in callback.ours_blocks.items():
-            ours_pairs[n] += [PAIRS * block_steps / s for s in seconds]
+        ours_by_run[peer_name] = {n: [PAIRS * block_steps / s for s in seconds]
+                                  for n, seconds in callback.ours_blocks.items()}
+        for n, values in ours_by_run[peer_name].items():
+            ours_pairs[n] += values
         peaks += callback.peaks
         loads += callback.loads
 
     stats = {n: common.summarize(v) for n, v in {**ours_pairs, **trl_pairs}.items()}
-    ratios = common.ratios(stats, list(ours_pairs), list(trl_pairs))
+    # Each ratio pairs a peer with the aligner repetitions interleaved with it (same run).
+    ratios = {"median": {}, "best": {}}
+    for p in trl_pairs:
+        paired = {n: common.summarize(v) for n, v in ours_by_run[p].items()}
+        paired[p] = stats[p]
+        for kind, table in common.ratios(paired, list(ours_pairs), [p]).items():
+            ratios[kind].update(table)
     best_peer = max(trl_pairs, key=lambda p: stats[p]["median"])
     targets = [common.target(f"{name} / {best_peer} (median pairs/s)", ratios["median"][f"{name} / {best_peer}"],
                              TARGET_RATIO)]
     for n, s in stats.items():
-        print(f"  {n:58s} median {s['median']:7.2f} pairs/s  min {s['min']:7.2f}  spread {s['spread']:5.1%}")
+        print(f"  {n:60s} median {s['median']:7.2f} pairs/s  min {s['min']:7.2f}  spread {s['spread']:5.1%}")
     common.print_ratios(ratios)
     for t in targets:
         print(f"  target {t['name']} >= {t['threshold']}: {t['value']:.3f} -> {'met' if t['met'] else 'MISSED'}")
@@ -271,6 +337,8 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend
         "matmul_flops": common.summarize(peaks),
         "load_average_1m_per_rep": loads,
         "pairs_per_s": stats,
+        "aligner_pairs_per_s_by_peer_run": {p: {n: common.summarize(v) for n, v in runs.items()}
+                                            for p, runs in ours_by_run.items()},
         "ratios": ratios,
         "targets": targets,
     }

@@ -17,6 +17,7 @@ Targets (issue 2): bf16 throughput >= 1.0x transformers and MFU >= 35%.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -61,7 +62,37 @@ def use_fused_adam(optimizer) -> None:
         group["fused"], group["foreach"] = True, False
 
 
-def aligner_stepper(dtype: torch.dtype, backend: str, windows, fused_adam: bool = False):
+@contextlib.contextmanager
+def lean_rope():
+    """Diagnostic: megatron's unfused RoPE without its repeated work, bit-identical results.
+
+    `rope_utils._apply_rotary_pos_emb_bshd` runs for q and for k in every layer and each time
+    recomputes cos(freqs) and sin(freqs), multiplies them by mscale (1.0), casts them, and
+    ends with `torch.cat((t, t_pass))` where t_pass is empty: a full copy of q/k. Here cos/sin
+    are computed once per freqs tensor (one per forward) and the empty concatenation is skipped.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    cache = {}
+
+    def apply(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        if rotary_interleaved or multi_latent_attention or mscale != 1.0 or t.shape[-1] != freqs.shape[-1]:
+            return original(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+        key = (freqs.data_ptr(), tuple(freqs.shape), freqs._version, t.dtype)
+        if cache.get("key") != key:
+            cache.update(key=key, cos=torch.cos(freqs).to(t.dtype), sin=torch.sin(freqs).to(t.dtype))
+        x1, x2 = torch.chunk(t, 2, dim=-1)
+        return t * cache["cos"] + torch.cat((-x2, x1), dim=-1) * cache["sin"]
+
+    rope_utils._apply_rotary_pos_emb_bshd = apply
+    try:
+        yield
+    finally:
+        rope_utils._apply_rotary_pos_emb_bshd = original
+
+
+def aligner_stepper(dtype: torch.dtype, backend: str, windows, fused_adam: bool = False, rope_fix: bool = False):
     from aligner.trainers.sft import SFTLoss
     from aligner.training.optim import OptimSettings, build_optimizer, wrap_data_parallel
     from aligner.training.step import train_step
@@ -80,7 +111,8 @@ def aligner_stepper(dtype: torch.dtype, backend: str, windows, fused_adam: bool 
                       "loss_mask": torch.ones(BATCH, SEQ)} for w in windows])
 
     def step():
-        return train_step(ddp, optimizer, scheduler, loss, [batches.next()])["loss"]
+        with lean_rope() if rope_fix else contextlib.nullcontext():
+            return train_step(ddp, optimizer, scheduler, loss, [batches.next()])["loss"]
 
     return step, params, config, (ddp, optimizer, scheduler, loss, batches)
 
@@ -125,6 +157,8 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int, diagnostics: 
         ours[backend] = aligner_stepper(dtype, backend, windows)
     if diagnostics:
         ours["sdpa + fused Adam (diagnostic)"] = aligner_stepper(dtype, "sdpa", windows, fused_adam=True)
+        ours["sdpa + fused Adam + lean RoPE (diagnostic)"] = aligner_stepper(dtype, "sdpa", windows, fused_adam=True,
+                                                                            rope_fix=True)
     params, config = ours["sdpa"][1], ours["sdpa"][2]
     peers = {"transformers": (False,)} if dtype == torch.float32 else \
         {"transformers autocast": (True,), "transformers bf16 weights": (False,)}
@@ -162,7 +196,7 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, steps: int, diagnostics: 
     if dtype == torch.bfloat16:
         targets.append(common.target(f"{default} MFU", stats[default]["mfu"], TARGET_MFU))
     for name, s in stats.items():
-        print(f"  {name:40s} median {s['median']:8,.0f} tok/s  min {s['min']:8,.0f}  spread {s['spread']:5.1%}  "
+        print(f"  {name:50s} median {s['median']:8,.0f} tok/s  min {s['min']:8,.0f}  spread {s['spread']:5.1%}  "
               f"MFU {s['mfu']:6.1%}")
     print(f"  matmul {dtype_name} ceiling median {peak / 1e9:,.0f} GFLOP/s")
     common.print_ratios(ratios)

@@ -113,9 +113,68 @@ def profile_generation(dtype, top: int) -> None:
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id), 1, top)
 
 
+def dpo_sections(dtype, backend: str, steps: int) -> dict:
+    """Plain timers around each part of aligner's DPO step (the flow of bench_dpo.aligner_stepper)."""
+    import bench_dpo as dpo
+
+    from aligner.data.collate import collate_comparisons
+    from aligner.models.weight_swap import ParkedWeights
+    from aligner.trainers.dpo import PreferenceLoss, ReferenceLogProbs
+    from aligner.training import step as step_module
+    from aligner.training.optim import OptimSettings, build_optimizer, wrap_data_parallel
+
+    examples = dpo.make_pairs()
+    pad = common.hf_tokenizer().pad_token_id
+    model, _ = common.load_aligner_model(dtype, backend)
+    reference = ParkedWeights(model)
+    settings = OptimSettings.from_config({"name": "adam", "lr": dpo.LR, "sched": {"name": "Constant"}},
+                                         max_steps=10**6, gradient_clip_val=dpo.CLIP)
+    ddp = wrap_data_parallel(model, settings)
+    optimizer, scheduler = build_optimizer(ddp, settings, dtype)
+    loss = PreferenceLoss(beta=dpo.BETA, loss_type="dpo", average_log_probs=False, sft_loss_weight=0.0,
+                          preference_loss_weight=1.0, gt_reward_scale=1.0)
+    items = [{"chosen": torch.tensor(e["prompt_ids"] + e["chosen_ids"]),
+              "rejected": torch.tensor(e["prompt_ids"] + e["rejected_ids"]),
+              "chosen_prompt_len": dpo.PROMPT_LEN, "rejected_prompt_len": dpo.PROMPT_LEN,
+              "chosen_reward": float("nan"), "rejected_reward": float("nan")} for e in examples]
+    names = ("collate", "swap_in", "reference_forward", "swap_out", "zero_grad", "forward_backward",
+             "optimizer_step", "metrics")
+    totals = dict.fromkeys(names, 0.0)
+    for i in range(steps + 1):  # the first is warm-up
+        marks = [time.perf_counter()]
+        micro = [collate_comparisons(items[(i % dpo.N_BATCHES) * dpo.PAIRS:][:dpo.PAIRS], pad)]
+        marks.append(time.perf_counter())
+        reference._exchange(ddp)
+        marks.append(time.perf_counter())
+        records = step_module.collect_forward(ddp, ReferenceLogProbs(), micro)
+        marks.append(time.perf_counter())
+        reference._exchange(ddp)
+        marks.append(time.perf_counter())
+        micro[0]["ref_token_logps"] = records[0]["token_logps"]
+        ddp.train()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        marks.append(time.perf_counter())
+        out = step_module._run_schedule(ddp, loss, micro, forward_only=False)
+        marks.append(time.perf_counter())
+        ok, _norm, _ = optimizer.step()
+        if ok:
+            scheduler.step(increment=1)
+        marks.append(time.perf_counter())
+        step_module.reduce_metrics(out, loss.metric_names)
+        marks.append(time.perf_counter())
+        if i:
+            for name, a, b in zip(names, marks, marks[1:]):
+                totals[name] += b - a
+    return {k: v / steps * 1000 for k, v in totals.items()}
+
+
 def profile_dpo(dtype, backend: str, steps: int, top: int) -> None:
     import bench_dpo as dpo
 
+    sections = dpo_sections(dtype, backend, steps)
+    print(f"aligner DPO step sections (ms per step, total {sum(sections.values()):.0f}): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in sections.items()))
     examples = dpo.make_pairs()
     step = dpo.aligner_stepper(dtype, backend, examples, common.hf_tokenizer().pad_token_id)
     profile(f"aligner {backend} DPO step", step, steps, top)

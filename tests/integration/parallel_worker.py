@@ -71,6 +71,8 @@ def main() -> None:
         batch = {"tokens": tokens[rows], "labels": labels[rows], "loss_mask": mask[rows]}
         metrics = train_step(ddp, optimizer, scheduler, SFTLoss(), split_micro_batches(batch, MICRO_BATCH))
         print(f"rank {layout.rank} dp={layout.data_parallel} loss={metrics['loss']:.8f}", flush=True)
+        with open(f"{args[1]}.rank{layout.rank}.loss", "w") as handle:  # stdout of ranks interleaves
+            handle.write(repr(metrics["loss"]))
         if layout.rank == 0:
             save_file(full_state(ddp), args[1])
     dist_setup.shutdown()

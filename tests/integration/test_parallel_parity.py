@@ -30,10 +30,10 @@ def test_tp2_logits_match_tp1(initial_checkpoint):
 
 def test_dp2_update_matches_single_process(initial_checkpoint, tmp_path):
     single, dual = tmp_path / "dp1.safetensors", tmp_path / "dp2.safetensors"
-    out1 = check(torchrun(WORKER, ["step", initial_checkpoint, single], nproc=1))
-    out2 = check(torchrun(WORKER, ["step", initial_checkpoint, dual], nproc=2))
-    loss1 = float(out1.split("loss=")[1].split()[0])
-    losses2 = [float(part.split()[0]) for part in out2.split("loss=")[1:]]
+    check(torchrun(WORKER, ["step", initial_checkpoint, single], nproc=1))
+    check(torchrun(WORKER, ["step", initial_checkpoint, dual], nproc=2))
+    loss1 = float(Path(f"{single}.rank0.loss").read_text())
+    losses2 = [float(Path(f"{dual}.rank{r}.loss").read_text()) for r in (0, 1)]
     assert len(losses2) == 2 and all(abs(l - loss1) < 1e-6 for l in losses2), (loss1, losses2)
     a, b = load_file(single), load_file(dual)
     initial = load_file(str(initial_checkpoint.parent / "initial.safetensors"))
