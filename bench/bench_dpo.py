@@ -1,6 +1,7 @@
 """DPO step throughput (pairs/s): aligner vs TRL 1.16 `DPOTrainer`, same model, data and process.
 
     python bench/bench_dpo.py [--dtype fp32|bf16|both] [--reps 5] [--steps 4] [--backend sdpa|local]
+                              [--diagnostics] [--quiet-load 3.5]
 
 Workload (BENCH_CONFIG): batches of 8 pairs, prompt 32 tokens + chosen 32 / rejected 32 tokens,
 sigmoid DPO loss (beta 0.1) against a frozen reference model, Adam (lr 1e-6, no weight decay),
@@ -20,6 +21,10 @@ times every step and, between blocks of TRL steps, runs a block of aligner steps
 interleave in one process. bf16: TRL's `bf16=True` (autocast, fp32 weights and Adam: the same
 numerics as aligner) and a variant with the models cast to bf16; the target uses the faster.
 Target: >= 1.5x TRL (median pairs/s).
+
+--diagnostics adds aligner with candidate library fixes applied in-process (never targets):
+fused Adam + a one-way reference swap (`OneWaySwap`), and those + the vocabulary projection
+on answer positions only (`answer_only_head` + `AnswerSlice`).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Training-step throughput: aligner (megatron GPTModel + DDP + optimizer, through `train_step`)
 vs transformers' LlamaForCausalLM + torch AdamW, same weights, same data, same process.
 
-    python bench/bench_sft_train.py [--dtype fp32|bf16|both] [--reps 5] [--steps 3]
+    python bench/bench_sft_train.py [--dtype fp32|bf16|both] [--reps 5] [--steps 3] [--diagnostics]
+                                    [--quiet-load 3.5]
 
 Workload (BENCH_CONFIG): batch 8 x 256 tokens, causal-LM loss on every token, Adam (lr 1e-4,
 betas 0.9/0.999, eps 1e-8, no weight decay), gradient clipping at 1.0 on both sides.
@@ -14,6 +15,10 @@ The peer in bf16 has two honest set-ups and both are measured:
   * "bf16 weights": the model cast to bfloat16 and AdamW on bf16 parameters (no fp32 master
     copy; cheaper, less exact). The throughput target is checked against the faster of the two.
 Targets (issue 2): bf16 throughput >= 1.0x transformers and MFU >= 35%.
+
+--diagnostics adds aligner (sdpa) with candidate library fixes applied in-process (never
+targets): torch's fused CPU Adam inside megatron's optimizer (`use_fused_adam`), and that plus
+a RoPE without megatron's repeated work (`lean_rope`, bit-identical).
 """
 from __future__ import annotations
 
