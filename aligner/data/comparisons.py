@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from aligner.data.errors import DataFormatError
 from aligner.data.jsonl import PathLike, iter_jsonl
 from aligner.data.tokenizer import Tokenizer
-from aligner.data.truncation import check_truncation_mode, fit_answer, log_length_filtering
+from aligner.data.truncation import check_max_seq_length, check_truncation_mode, fit_answer, log_length_filtering
 
 FORMAT_PAIRS = "prompt/chosen/rejected"
 FORMAT_REALHF = "prompt/pos_answers/neg_answers"
@@ -165,9 +165,7 @@ class ComparisonDataset(Dataset):
         add_bos: bool = False,
     ):
         self.path = os.fspath(path)
-        self.max_seq_length = int(max_seq_length)
-        if self.max_seq_length < 2:
-            raise ValueError(f"model.data.max_seq_length={max_seq_length} must be at least 2")
+        self.max_seq_length = check_max_seq_length(max_seq_length)
         self.truncation = check_truncation_mode(truncation)
         self.num_truncated = 0
         self.num_dropped = 0

@@ -16,6 +16,7 @@ from aligner.data.jsonl import PathLike, iter_jsonl
 from aligner.data.tokenizer import Tokenizer
 from aligner.data.truncation import (
     apply_prompt_template,
+    check_max_seq_length,
     check_prompt_template,
     check_truncation_mode,
     fit_answer,
@@ -66,9 +67,7 @@ class SFTDataset(Dataset):
         add_bos: bool = False,
     ):
         self.path = os.fspath(path)
-        self.max_seq_length = int(max_seq_length)
-        if self.max_seq_length < 2:
-            raise ValueError(f"model.data.max_seq_length={max_seq_length} must be at least 2")
+        self.max_seq_length = check_max_seq_length(max_seq_length)
         self.truncation = check_truncation_mode(truncation)
         self.prompt_template = check_prompt_template(prompt_template)
         self.num_truncated = 0

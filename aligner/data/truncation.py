@@ -14,6 +14,12 @@ logger = logging.getLogger("aligner.data")
 TRUNCATION_MODES = ("truncate", "drop")
 
 
+def check_max_seq_length(value, config_key: str = "model.encoder_seq_length") -> int:
+    if int(value) < 2:
+        raise ValueError(f"{config_key}={value} must be at least 2")
+    return int(value)
+
+
 def check_truncation_mode(mode: str, config_key: str = "model.data.truncation") -> str:
     """Return ``mode`` if valid, else raise ValueError naming the config key to fix."""
     if mode not in TRUNCATION_MODES:

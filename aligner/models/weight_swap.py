@@ -52,27 +52,30 @@ class ParkedWeights:
         return parked
 
     @torch.no_grad()
-    def _exchange(self, model) -> None:
-        live = _tensors(model)
-        for name, parked in self.host.items():
-            target = live[name]
-            scratch = self._scratch.get(name)
-            if scratch is None:
-                scratch = self._scratch[name] = torch.empty_like(parked)
-            scratch.copy_(target, non_blocking=True)
-            target.copy_(parked, non_blocking=True)
-            parked.copy_(scratch)
+    def _copy(self, sources: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
+        for name, target in targets.items():
+            target.copy_(sources[name], non_blocking=True)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     @contextlib.contextmanager
     def swapped_in(self, model) -> Iterator[None]:
-        """Inside the block the model computes with the parked weights; restored on exit."""
-        self._exchange(model)
+        """Inside the block the model computes with the parked weights; restored on exit.
+
+        The parked weights are frozen (reference policy, reward model), so they are only ever
+        read: the live weights go to a scratch buffer and come back from it (3 copies, not 6).
+        Nothing inside the block may update the model's weights.
+        """
+        live = {name: tensor for name, tensor in _tensors(model).items() if name in self.host}
+        for name, parked in self.host.items():
+            if name not in self._scratch:
+                self._scratch[name] = torch.empty_like(parked)
+        self._copy(live, self._scratch)
+        self._copy(self.host, live)
         try:
             yield
         finally:
-            self._exchange(model)
+            self._copy(self._scratch, live)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.host.values())

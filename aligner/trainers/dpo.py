@@ -13,11 +13,11 @@ from aligner.models.gpt import position_ids_for
 from aligner.models.weight_swap import ParkedWeights
 from aligner.objectives.logprobs import sequence_logprobs, token_logprobs_from_logits
 from aligner.objectives.preference import PREFERENCE_LOSS_TYPES, preference_loss
-from aligner.trainers.reward_model import comparison_loop_data, pair_metric
+from aligner.trainers.reward_model import comparison_loop_data
 from aligner.training import loop
 from aligner.training.reference import park_initial_weights
 from aligner.training.run import Run
-from aligner.training.step import collect_forward
+from aligner.training.step import collect_forward, mean_metric
 
 
 def next_token_logits(model, batch) -> torch.Tensor:
@@ -84,9 +84,9 @@ class PreferenceLoss:
             chosen_mask = mask[:pairs]
             sft = -sequence_logprobs(token_lp[:pairs], chosen_mask, True).mean()
             total = self.pref_weight * loss + self.sft_weight * sft
-            sums = {name: pair_metric(metrics[name], pairs) for name in self.metric_names if name in metrics}
-            sums["loss"] = pair_metric(total, pairs)
-            sums["sft_loss"] = pair_metric(sft, pairs)
+            sums = {name: mean_metric(metrics[name], pairs) for name in self.metric_names if name in metrics}
+            sums["loss"] = mean_metric(total, pairs)
+            sums["sft_loss"] = mean_metric(sft, pairs)
             if "ref_log_probs_full" in batch:  # validation: exact KL(policy || reference) per response token
                 with torch.no_grad():
                     log_p = torch.log_softmax(logits, dim=-1)

@@ -43,11 +43,12 @@ from aligner.objectives.ppo import (
 )
 from aligner.serving.client import CriticClient
 from aligner.training.config_check import to_plain
+from aligner.training.loop import endless
 from aligner.training.offload import OptimizerStateOffloader
 from aligner.training.plots import plot_curves
 from aligner.training.reference import park_initial_weights
 from aligner.training.run import Run
-from aligner.training.step import collect_forward, train_step
+from aligner.training.step import collect_forward, mean_metric, train_step
 
 log = logging.getLogger("aligner.ppo")
 
@@ -57,10 +58,6 @@ class CheckpointPairError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- model passes
-def _pair(value: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    return torch.stack([value.detach().float() * count.float(), count.detach().float()])
-
-
 class TokenLogProbs:
     """Forward-only: per-token log-probs [B,S] (index t = log p(token t+1)) from gathered logits."""
 
@@ -97,8 +94,8 @@ class PPOPolicyLoss:
             entropy = entropy_bonus(entropy_from_logits(logits.float()), mask)
             total = loss - self.entropy_coef * entropy
             count = mask.sum()
-            sums = {"policy_loss": _pair(loss, count), "entropy": _pair(entropy, count),
-                    **{k: _pair(metrics[k], count) for k in ("clip_fraction", "approx_kl", "ratio_mean")}}
+            sums = {"policy_loss": mean_metric(loss, count), "entropy": mean_metric(entropy, count),
+                    **{k: mean_metric(metrics[k], count) for k in ("clip_fraction", "approx_kl", "ratio_mean")}}
             return total * count, count.round().to(torch.int), sums
 
         return logits, loss_fn
@@ -120,6 +117,8 @@ class Rollouts:
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
+    infer_futures: list = field(default_factory=list)  # critic `infer` requests in flight
+    reward_futures: list = field(default_factory=list)  # separate-RM requests in flight
 
     @property
     def labels(self) -> torch.Tensor:
@@ -258,7 +257,7 @@ class PPOActor:
                             mask=response_mask(prompt_lengths, lengths, width), generator_logprobs=gen_lp)
         rollouts.texts = [self.run.tokenizer.decode(tokens[i, prompt_lengths[i]:lengths[i]].tolist(),
                                                     skip_special_tokens=True) for i in range(tokens.shape[0])]
-        rollouts._futures, rollouts._reward_futures = futures, reward_futures
+        rollouts.infer_futures, rollouts.reward_futures = futures, reward_futures
         return rollouts
 
     def logprobs(self, rollouts: Rollouts) -> torch.Tensor:
@@ -273,9 +272,9 @@ class PPOActor:
         n = rollouts.tokens.shape[0]
         values = rewards = None
         if self.is_caller:
-            results = [f.result() for f in rollouts._futures]
+            results = [f.result() for f in rollouts.infer_futures]
             values = torch.cat([_pad_to(r["values"].float(), width) for r in results])
-            source = [f.result() for f in rollouts._reward_futures] if self.reward_model is not None else results
+            source = [f.result() for f in rollouts.reward_futures] if self.reward_model is not None else results
             if any("rewards" not in r for r in source):
                 raise RuntimeError("the critic server returned no rewards: start it with "
                                    "trainer.ppo.combine_rm_and_critic_server=True, or set "
@@ -384,7 +383,7 @@ def train(cfg: DictConfig, schema) -> dict:
     ppo = cfg.trainer.ppo
     try:
         actor.check_critic_pairing()
-        batches = iter(_endless(actor.sampler))
+        batches = endless(actor.sampler)
         kl_coef = float(ppo.initial_policy_kl_penalty)
         val_every, save_every = int(ppo.val_check_interval or 0), int(ppo.save_interval or 0)
         if run.step == 0 and val_every:
@@ -455,11 +454,6 @@ def train(cfg: DictConfig, schema) -> dict:
         if actor.critic is not None:
             actor.critic.close()
         run.finish()
-
-
-def _endless(sampler):
-    while True:
-        yield from sampler
 
 
 def validate(actor: PPOActor) -> dict[str, float]:

@@ -15,7 +15,7 @@ from aligner.models.gpt import position_ids_for
 from aligner.objectives.preference import bradley_terry_loss
 from aligner.training import loop
 from aligner.training.run import Run
-from aligner.training.step import evaluate
+from aligner.training.step import evaluate, mean_metric
 
 log = logging.getLogger("aligner.rm")
 
@@ -24,11 +24,6 @@ def last_token_values(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
     """values [B,S,1] or [B,S], lengths [B] -> the value at each row's last real token [B]."""
     values = values.reshape(values.shape[0], values.shape[1])
     return values.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1).float()
-
-
-def pair_metric(value: torch.Tensor, count: int) -> torch.Tensor:
-    """A batch mean as tensor([sum, count]) so means over micro-batches and ranks stay exact."""
-    return torch.stack([value.detach().float() * count, torch.tensor(float(count))])
 
 
 class BradleyTerryLoss:
@@ -46,13 +41,13 @@ class BradleyTerryLoss:
             pairs = rewards.shape[0] // 2
             loss, metrics = bradley_terry_loss(rewards[:pairs], rewards[pairs:])
             sums = {
-                "loss": pair_metric(loss, pairs),
-                "accuracy": pair_metric(metrics["accuracy"], pairs),
-                "reward_margin": pair_metric(metrics["reward_margin"], pairs),
-                "chosen_reward": pair_metric(metrics["chosen_reward_mean"], pairs),
-                "rejected_reward": pair_metric(metrics["rejected_reward_mean"], pairs),
-                "reward_mean": pair_metric(rewards.mean(), 2 * pairs),
-                "reward_sq_mean": pair_metric((rewards ** 2).mean(), 2 * pairs),
+                "loss": mean_metric(loss, pairs),
+                "accuracy": mean_metric(metrics["accuracy"], pairs),
+                "reward_margin": mean_metric(metrics["reward_margin"], pairs),
+                "chosen_reward": mean_metric(metrics["chosen_reward_mean"], pairs),
+                "rejected_reward": mean_metric(metrics["rejected_reward_mean"], pairs),
+                "reward_mean": mean_metric(rewards.mean(), 2 * pairs),
+                "reward_sq_mean": mean_metric((rewards ** 2).mean(), 2 * pairs),
             }
             return loss * pairs, torch.tensor(pairs), sums
 

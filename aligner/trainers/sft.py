@@ -1,6 +1,7 @@
 """Supervised fine-tuning: next-token loss on answer tokens only."""
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 
 from aligner.models.gpt import position_ids_for
@@ -21,15 +22,9 @@ class SFTLoss:
 
         def loss_fn(per_token_nll):
             nll_sum, count = language_model_loss_sum_and_count(-per_token_nll.float(), batch["loss_mask"])
-            return nll_sum, count, {"loss": _pair(nll_sum, count)}
+            return nll_sum, count, {"loss": torch.stack([nll_sum.detach().float(), count.detach().float()])}
 
         return output, loss_fn
-
-
-def _pair(total, count):
-    import torch
-
-    return torch.stack([total.detach().float(), count.detach().float()])
 
 
 def sft_loop_data(cfg: DictConfig, run: Run) -> loop.LoopData:

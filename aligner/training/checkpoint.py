@@ -107,10 +107,9 @@ def _sharded_state(model, optimizer, is_loading: bool, skip_prefixes: tuple[str,
 
 def optimizer_has_state(optimizer) -> bool:
     """Adam moments exist only after the first step; a step-0 checkpoint has none to save."""
-    if optimizer is None:
-        return False
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    return any(len(part.optimizer.state) > 0 for part in parts)
+    from aligner.training.offload import torch_optimizers
+
+    return optimizer is not None and any(len(opt.state) > 0 for opt in torch_optimizers(optimizer))
 
 
 def save(root: str | os.PathLike, step: int, model, optimizer, trainer_state: dict, keep_last: int | None = 2) -> Path:

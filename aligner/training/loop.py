@@ -64,7 +64,7 @@ def run_validation(run: Run, loss: MicroBatchLoss, data: LoopData, index_batches
     return evaluate(run.model, loss, prepare(micro, False) if prepare else micro)
 
 
-def _endless(sampler):
+def endless(sampler):
     while True:  # each pass is one epoch; the sampler reshuffles with seed + epoch
         yield from sampler
 
@@ -87,7 +87,7 @@ def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str]
     )
     if run.resume_state.get("sampler"):
         sampler.load_state_dict(run.resume_state["sampler"])
-    batches = _endless(sampler)
+    batches = endless(sampler)
     val_every = int(cfg.val_check_interval or 0)
     save_every = int(cfg.save_interval or 0)
     val_index = (validation_batches(run, data.validation, cfg.get("limit_val_batches"))

@@ -116,7 +116,6 @@ class Run:
 
         self.log_dir = Path(cfg.exp_manager.explicit_log_dir)
         self.checkpoint_dir = self.log_dir / "checkpoints"
-        em = cfg.exp_manager
         self.step = 0
         self.resume_state: dict[str, Any] = {}
         self.metrics: MetricsLogger | None = None

@@ -27,6 +27,12 @@ class MicroBatchLoss(Protocol):
         """
 
 
+def mean_metric(mean: torch.Tensor, count) -> torch.Tensor:
+    """A batch mean as tensor([sum, count]), so means over micro-batches and ranks stay exact."""
+    count = torch.as_tensor(count, dtype=torch.float32)
+    return torch.stack([mean.detach().float() * count, count])
+
+
 def _as_megatron_loss(loss_fn):
     def wrapped(output):
         loss_sum, count, sums = loss_fn(output)
