@@ -72,17 +72,45 @@ def test_comparisons_pair_positive_with_negative_snippets(prepared, source_ratin
     used = {}
     for split in ("train", "val"):
         recs = records(out / f"comparisons_{split}.jsonl")
-        total += len(recs)
-        texts = [r["chosen"] for r in recs] + [r["rejected"] for r in recs]
+        whole = [r for r in recs if r["prompt"] == ""]
+        total += len(whole)
+        texts = [r["chosen"] for r in whole] + [r["rejected"] for r in whole]
         assert len(texts) == len(set(texts)), "a snippet is used twice in one split"
         used[split] = set(texts)
-        for r in recs:
-            assert r["prompt"] == ""
+        for r in whole:
             assert r["chosen_reward"] >= 1.5 and r["rejected_reward"] <= -1.5
             assert source_ratings[r["chosen"]] == r["chosen_reward"]
             assert source_ratings[r["rejected"]] == r["rejected_reward"]
     assert total > 3000
     assert not used["train"] & used["val"]
+
+
+def test_continuation_comparisons_compare_the_same_two_continuations_after_each_prefix(prepared, source_ratings):
+    out, _ = prepared
+    for split in ("train", "val"):
+        recs = records(out / f"comparisons_{split}.jsonl")
+        cont = [r for r in recs if r["prompt"] != ""]
+        assert len(cont) > 0.8 * len([r for r in recs if r["prompt"] == ""]) and len(cont) % 2 == 0
+        for after_p, after_n in zip(cont[0::2], cont[1::2]):
+            assert (after_p["chosen"], after_p["rejected"]) == (after_n["chosen"], after_n["rejected"])
+            # each prefix belongs to one of the two snippets, so the prefix cannot tell which side wins
+            assert source_ratings[after_p["prompt"] + after_p["chosen"]] == after_p["chosen_reward"] >= 1.5
+            assert source_ratings[after_n["prompt"] + after_n["rejected"]] == after_n["rejected_reward"] <= -1.5
+            for r in (after_p, after_n):
+                assert 4 <= len(r["prompt"].split()) <= 8
+                assert r["chosen"].startswith(" ") and r["rejected"].startswith(" ")
+                assert min(len(r["chosen"].split()), len(r["rejected"].split())) >= movie_reviews.MIN_CONTINUATION_WORDS
+
+
+def test_comparison_style_whole_keeps_only_whole_snippets(tmp_path, source_ratings):
+    snippets = [movie_reviews.Snippet(str(i), rating, text) for i, (text, rating) in
+                enumerate(list(source_ratings.items())[::20])]
+    whole = movie_reviews.comparison_records(snippets, 0, "train", 1.5, -1.5, style="whole")
+    both = movie_reviews.comparison_records(snippets, 0, "train", 1.5, -1.5, style="both")
+    assert whole and all(r["prompt"] == "" for r in whole)
+    assert [r for r in both if r["prompt"] == ""] == whole
+    with pytest.raises(ValueError, match="--comparison-style"):
+        movie_reviews.comparison_records(snippets, 0, "train", 1.5, -1.5, style="pairs")
 
 
 def test_sft_and_prompts_are_prefix_splits_of_snippets(prepared, source_ratings):

@@ -10,8 +10,10 @@ every file of a split is built from that split's snippets only)::
 
     sft_{train,val}.jsonl          {"prompt": first k words, "answer": " " + the rest}
     prompts_{train,val}.jsonl      {"prompt": first k words}            (PPO rollouts)
-    comparisons_{train,val}.jsonl  {"prompt": "", "chosen": positive snippet, "rejected":
-                                    negative snippet, "chosen_reward", "rejected_reward"}
+    comparisons_{train,val}.jsonl  {"prompt", "chosen": positive, "rejected": negative,
+                                    "chosen_reward", "rejected_reward"}: whole snippets
+                                    (prompt "") and continuations after a review prefix
+                                    (see comparison_records)
     tokenizer/                     byte-level BPE trained on the train split only
     manifest.json                  arguments, source checksum, record counts, file checksums
 
@@ -195,23 +197,47 @@ def prompt_records(snippets: Sequence[Snippet], seed: int, split: str, prefix_wo
     return records
 
 
+COMPARISON_STYLES = ("whole", "continuation", "both")
+MIN_CONTINUATION_WORDS = 4
+
+
 def comparison_records(
-    snippets: Sequence[Snippet], seed: int, split: str, positive_min: float, negative_max: float
+    snippets: Sequence[Snippet], seed: int, split: str, positive_min: float, negative_max: float,
+    style: str = "both", prefix_words: Tuple[int, int] = (4, 8),
 ) -> List[Dict]:
     """Pairs of a clearly positive (chosen) and a clearly negative (rejected) snippet.
 
     Matching is a seeded random shuffle of each pool, zipped, so every snippet is used at
-    most once; the larger pool's leftovers are unused.
+    most once; the larger pool's leftovers are unused. Each matched pair gives:
+
+    * ``whole``: ``{"prompt": "", "chosen": P, "rejected": N}``;
+    * ``continuation``: the two snippets cut after their first k words (as the SFT and PPO
+      prompts are), and the two continuations compared after *each* prefix in turn:
+      ``{"prompt": P[:k], "chosen": P[k:], "rejected": N[k':]}`` and the same after ``N[:k']``.
+      Under PPO the reward model scores a review prefix it did not choose plus the policy's
+      continuation; these pairs make the prefix carry no label information, so the model must
+      judge what was written after it (whole-snippet pairs alone let it lean on the prefix);
+    * ``both``: the whole pair, then its two continuation pairs.
     """
+    if style not in COMPARISON_STYLES:
+        raise ValueError(f"--comparison-style={style!r}: expected one of {', '.join(COMPARISON_STYLES)}")
     rng = random.Random(f"{seed}:comparisons:{split}")
     positives = [s for s in snippets if s.rating >= positive_min]
     negatives = [s for s in snippets if s.rating <= negative_max]
     rng.shuffle(positives)
     rng.shuffle(negatives)
-    return [
-        {"prompt": "", "chosen": p.text, "rejected": n.text, "chosen_reward": p.rating, "rejected_reward": n.rating}
-        for p, n in zip(positives, negatives)
-    ]
+    records = []
+    for p, n in zip(positives, negatives):
+        ratings = {"chosen_reward": p.rating, "rejected_reward": n.rating}
+        if style in ("whole", "both"):
+            records.append({"prompt": "", "chosen": p.text, "rejected": n.text, **ratings})
+        if style in ("continuation", "both"):
+            p_parts, n_parts = prefix_split(p, rng, prefix_words), prefix_split(n, rng, prefix_words)
+            if any(parts is None or len(parts[1].split()) < MIN_CONTINUATION_WORDS for parts in (p_parts, n_parts)):
+                continue  # the sentiment of a short snippet sits in its prefix; its rest says little
+            for prefix in (p_parts[0], n_parts[0]):
+                records.append({"prompt": prefix, "chosen": p_parts[1], "rejected": n_parts[1], **ratings})
+    return records
 
 
 def parse_prefix_words(value: str) -> Tuple[int, int]:
@@ -244,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--positive-min", type=float, default=1.5, help="chosen snippets have rating >= this")
     parser.add_argument("--negative-max", type=float, default=-1.5, help="rejected snippets have rating <= this")
+    parser.add_argument("--comparison-style", choices=COMPARISON_STYLES, default="both",
+                        help="whole snippets, prefix + continuations (as PPO scores them), or both")
     return parser
 
 
@@ -273,7 +301,8 @@ def prepare(argv: Optional[List[str]] = None) -> Dict:
             f"sft_{split}.jsonl": sft_records(part, args.seed, split, args.prefix_words),
             f"prompts_{split}.jsonl": prompt_records(part, args.seed, split, args.prefix_words),
             f"comparisons_{split}.jsonl": comparison_records(
-                part, args.seed, split, args.positive_min, args.negative_max
+                part, args.seed, split, args.positive_min, args.negative_max, args.comparison_style,
+                args.prefix_words,
             ),
         }
         for name, records in outputs.items():
@@ -304,6 +333,7 @@ def prepare(argv: Optional[List[str]] = None) -> Dict:
             "max_words": args.max_words,
             "positive_min": args.positive_min,
             "negative_max": args.negative_max,
+            "comparison_style": args.comparison_style,
         },
         "splits": {name: len(part) for name, part in splits.items()},
         "files": files,
