@@ -10,14 +10,14 @@ Contenders, same weights, same process, interleaved:
   * aligner no cache: `KVCacheSampler.generate_no_cache`, the plain model path that
     recomputes the whole sequence for every new token;
   * transformers: `LlamaForCausalLM.generate(do_sample=True)` with its default dynamic KV cache;
-  * with --diagnostics, candidate library fixes applied in-process (not targets): the KV-cache
-    sampler without the CPU TorchFunctionMode (the inference path needs none of its
-    redirections), and additionally with leaner per-step sampling maths (`lean_sampling`).
+  * with --diagnostics (not a target): the previous KV-cache sampler (CPU TorchFunctionMode on in
+    the decode loop, plain per-step sampling maths), after checking on this model that it and the
+    library draw bit-identical tokens and log-probs. The fixes the diagnostics used to time (the
+    loop without the CPU mode, leaner sampling maths) are now in the library.
 Target: KV-cache sampler >= 1.5x transformers (median new tokens/s).
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -30,51 +30,12 @@ PROMPTS, PROMPT_LEN, NEW_TOKENS = 32, 32, 64
 TARGET_RATIO = 1.5
 
 
-@contextlib.contextmanager
-def lean_sampling():
-    """Diagnostic: the sampler's per-step token maths with fewer passes over the [B, V] logits.
+def previous_sampler():
+    """Diagnostic: the sampler as it was before its per-step work was trimmed (frozen copy in
+    tests/unit/test_generation_unchanged.py: CPU mode on in the loop, plain sampling maths)."""
+    from tests.unit.test_generation_unchanged import LegacySampler
 
-    Same distribution and, for suppression and sampling, bit-identical draws; differences from
-    aligner.generation.sampling: EOS suppression converts to float32 once instead of cloning
-    and converting again, temperature 1 skips the division, disabled top-k/top-p skip
-    `filter_logits`' unconditional clone, and log-probs use the fused `log_softmax` kernel
-    instead of the composite `logsumexp` (max, subtract, exp, sum, log).
-    """
-    from aligner.generation import sampler as sampler_module
-    from aligner.generation.sampling import filter_logits, sample_from_probs
-
-    def suppress_eos(logits, eos_id, step, min_length):
-        if min_length <= 0:
-            return logits
-        too_short = torch.as_tensor(step, device=logits.device) < min_length
-        if not too_short.any():
-            return logits
-        out = logits.float() if logits.dtype != torch.float32 else logits.clone()
-        out[:, eos_id].masked_fill_(too_short, float("-inf"))
-        return out
-
-    def sample_next(logits, params, generator):
-        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
-        if params.greedy:
-            return logits.argmax(dim=-1)
-        scaled = logits.float()
-        if params.temperature != 1.0:
-            scaled = scaled / params.temperature
-        if params.top_k > 0 or params.top_p < 1.0:
-            scaled = filter_logits(scaled, params.top_k, params.top_p)
-        return sample_from_probs(torch.softmax(scaled, dim=-1), uniform)
-
-    def token_logprobs(logits, tokens):
-        return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-    saved = {name: getattr(sampler_module, name) for name in ("suppress_eos", "sample_next", "token_logprobs")}
-    for name, fn in (("suppress_eos", suppress_eos), ("sample_next", sample_next), ("token_logprobs", token_logprobs)):
-        setattr(sampler_module, name, fn)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(sampler_module, name, fn)
+    return LegacySampler
 
 
 def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool, quiet=(0.0, 0.0)) -> dict:
@@ -115,24 +76,17 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool, quiet=
                           eos_token_id=eos, pad_token_id=pad)
         assert out.shape == (PROMPTS, PROMPT_LEN + NEW_TOKENS), f"transformers returned {tuple(out.shape)}"
 
-    def without_mode():
-        with common.peer_context():
-            ours(True)()
-
-    def lean_without_mode():
-        with common.peer_context(), lean_sampling():
-            ours(True)()
-
-    if diagnostics:  # the lean maths must draw the very same tokens as the library's
+    if diagnostics:  # the previous implementation must draw the very same tokens and log-probs
+        previous = previous_sampler()(model, eos_id=eos, pad_id=pad, max_batch_size=PROMPTS,
+                                      max_sequence_length=PROMPT_LEN + NEW_TOKENS, vocab_size=config.vocab_size)
         same_seed = SamplingParams(min_length=NEW_TOKENS, max_length=NEW_TOKENS, seed=12345)
-        reference = sampler.generate(prompts, lengths, same_seed)
-        with lean_sampling():
-            lean = sampler.generate(prompts, lengths, same_seed)
-        assert torch.equal(reference.tokens, lean.tokens), "lean_sampling drew different tokens"
-        assert torch.allclose(reference.generator_logprobs, lean.generator_logprobs, atol=1e-4)
-        with common.peer_context():  # the inference path needs none of the CPU mode's redirections
-            unmoded = sampler.generate(prompts, lengths, same_seed)
-        assert torch.equal(reference.tokens, unmoded.tokens), "the sampler without the CPU mode drew other tokens"
+        reference, library = previous.generate(prompts, lengths, same_seed), sampler.generate(prompts, lengths, same_seed)
+        assert torch.equal(reference.tokens, library.tokens), "the library drew other tokens than before"
+        assert torch.equal(reference.generator_logprobs, library.generator_logprobs), "log-probs changed"
+
+        def previous_run():
+            out = previous.generate(prompts, lengths, params())
+            assert bool((out.response_lengths == NEW_TOKENS).all()), "previous sampler stopped early"
 
     work = PROMPTS * NEW_TOKENS
     contenders = [
@@ -141,11 +95,8 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool, quiet=
         common.Contender("transformers generate", lambda: common.timed(theirs), work, peer=True),
     ]
     if diagnostics:
-        contenders += [
-            common.Contender("diagnostic: KV cache, no CPU mode", lambda: common.timed(without_mode), work),
-            common.Contender("diagnostic: KV cache, no CPU mode, lean sampling",
-                             lambda: common.timed(lean_without_mode), work),
-        ]
+        contenders.append(common.Contender("diagnostic: previous KV-cache sampler",
+                                           lambda: common.timed(previous_run), work))
     print(f"[{dtype_name}] {reps} reps of {PROMPTS} prompts x {NEW_TOKENS} new tokens (new tokens/s):")
     loads = []
     throughput, peaks = common.interleave(contenders, reps, warmup, dtype, quiet=quiet, loads=loads)
@@ -179,8 +130,8 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, diagnostics: bool, quiet=
 def main(argv=None):
     parser = common.base_arguments(__doc__.splitlines()[0], reps=5)
     parser.add_argument("--diagnostics", action="store_true",
-                        help="also time the KV-cache sampler with candidate library fixes applied in-process: "
-                             "without the CPU TorchFunctionMode, and with leaner sampling maths (not targets)")
+                        help="also time the previous KV-cache sampler (CPU mode on in the loop, plain "
+                             "sampling maths), checked to draw the same tokens (not a target)")
     args = parser.parse_args(argv)
     common.quiet_libraries()
     common.set_threads()

@@ -7,7 +7,10 @@ report `torch.cuda.FloatTensor`. On CPU we redirect each of those to the CPU.
 
 Everything here is a no-op when CUDA is available, so GPU/NCCL clusters run megatron unchanged.
 The redirection of hard-coded "cuda" devices is a `TorchFunctionMode`, whose stack is
-thread-local: a thread that runs model code must call `enable_in_current_thread()`.
+thread-local: a thread that runs model code must call `enable_in_current_thread()`. The mode
+sees every torch call from Python, which costs interpreter time on hot loops of small operators;
+code that is known to pass no "cuda" device, `.cuda()` or pinning (the KV-cache sampler's decode
+loop) can run under `suspended()`.
 
 Re-run the CPU test matrix whenever megatron-core is upgraded: this touches its internals.
 """
@@ -60,6 +63,30 @@ def enable_in_current_thread() -> None:
 
 def is_installed() -> bool:
     return _installed
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run a block without this thread's cuda→cpu device mode; re-enter it afterwards.
+
+    A no-op where the mode is not active in this thread (always so with CUDA, where the mode is
+    never entered) and where another mode was pushed on top of it (only the top of the mode
+    stack can be popped; that other mode is left alone, and so is ours). Only for code that
+    needs none of the redirections: without them a hard-coded "cuda" device fails loudly on a
+    CPU-only torch build, it is never silently misplaced.
+    """
+    mode = getattr(_thread_state, "mode", None)
+    if mode is None:
+        yield
+        return
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if not stack or stack[-1] is not mode:
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
 
 
 def _patch_torch_cuda() -> None:

@@ -19,6 +19,12 @@ is why steps must be exactly one token.
 obviously-correct reference the tests compare the cache against, and a fallback.
 Tensor parallelism: every TP rank runs the loop; the tokens sampled on the TP source rank are
 broadcast to the group, so all ranks keep identical sequences even if logits differ in the last bit.
+
+Per-step cost (small on a GPU, dominant on CPU, where a step is hundreds of small operators):
+the CPU compatibility TorchFunctionMode is suspended for the loop, the step's float32 logits are
+touched as few times as the maths allows (see sampling.py), and position ids are sliced from one
+precomputed tensor. None of it changes a result: tests/unit/test_generation_unchanged.py checks
+tokens, stopping and log-probs bit-for-bit against the previous implementation.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import torch.distributed as dist
 
 from aligner.generation.output import GenerationOutput
 from aligner.generation.params import LENGTH_KEY, SAMPLING_KEY, SamplingParams
-from aligner.generation.sampling import sample_next, suppress_eos, token_logprobs
+from aligner.generation.sampling import sample_next, suppress_eos_, token_logprobs
 
 # (tokens [B, T] buffer, length) -> logits [B, V] predicting position `length` from tokens[:, :length]
 NextLogits = Callable[[torch.Tensor, int], torch.Tensor]
@@ -100,13 +106,17 @@ class KVCacheSampler:
         device = next(inner.parameters()).device
         prompt_tokens, prompt_lengths = self._check_inputs(prompt_tokens, prompt_lengths, params, device)
         if cached:
-            next_logits = self._cached_logits(inner)
+            next_logits = self._cached_logits(inner, prompt_tokens.shape[0], max_sequence=int(prompt_lengths.max())
+                                              + params.max_length, device=device)
         else:
             next_logits = _recomputed_logits(inner)
         was_training = self.model.training
         self.model.eval()  # megatron only uses the inference context in eval mode
         try:
-            with torch.no_grad():
+            # The CPU compatibility mode (a no-op with CUDA) intercepts every torch call in Python,
+            # several hundred per decode step; the inference forward and this loop need none of its
+            # redirections (tests/unit/test_generation_unchanged.py and the TP=2 test check it redirects nothing here).
+            with torch.no_grad(), megatron_cpu.suspended():
                 return self._decode(prompt_tokens, prompt_lengths, params, next_logits)
         finally:
             self.model.train(was_training)
@@ -115,6 +125,7 @@ class KVCacheSampler:
                 next_logits: NextLogits) -> GenerationOutput:
         batch, device = prompts.shape[0], prompts.device
         max_prompt = int(prompt_lengths.max())
+        min_prompt = int(prompt_lengths.min())
         total = max_prompt + params.max_length
         # The buffer is the output: prompt tokens where they are, pad everywhere else.
         tokens = torch.full((batch, total), self.pad_id, dtype=torch.long, device=device)
@@ -125,28 +136,46 @@ class KVCacheSampler:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         is_end = torch.zeros(batch, dtype=torch.bool, device=device)
         generator = _make_generator(params.seed, device)
+        # Host-side bounds, so that steps skip work no row needs (results are the same either way):
+        # a generating row has produced length - prompt_length tokens, hence below min_length only
+        # while length < its prompt length + min_length, and a row reads its prompt while length <
+        # its prompt length.
+        suppress_until = max_prompt + params.min_length if params.min_length > 0 else 0
 
-        length = int(prompt_lengths.min())
-        while not bool(done.all()) and length < total:
+        length = min_prompt
+        while length < total:
             logits = next_logits(tokens, length)
             if self.vocab_size is not None:
                 logits = logits[..., : self.vocab_size]
-            allowed = suppress_eos(logits, self.eos_id, response_lengths, params.min_length)
+            # float32 maths; for float32 models this is the model's own output tensor, which this
+            # step owns and may overwrite (its EOS column, below).
+            work = logits.float()
+            if length >= max_prompt:
+                generating = ~done
+            else:
+                generating = (length >= prompt_lengths) & ~done
+            any_generating = bool(generating.any())
+            # log-probs are of the raw logits: logsumexp before EOS suppression touches them
+            logsumexp = torch.logsumexp(work, dim=-1) if any_generating else None
+            eos_column = None
+            if length < suppress_until:
+                eos_column = suppress_eos_(work, self.eos_id, response_lengths < params.min_length)
             # Drawn for every row on every step (see sample_next); rows that are still reading
             # their prompt or are finished ignore theirs.
-            sampled = _agree_across_tensor_parallel(sample_next(allowed, params, generator))
-            generating = (length >= prompt_lengths) & ~done
-            if bool(generating.any()):
+            sampled = _agree_across_tensor_parallel(sample_next(work, params, generator))
+            if any_generating:
                 tokens[:, length] = torch.where(generating, sampled, tokens[:, length])
-                logprobs[:, length - 1] = torch.where(generating, token_logprobs(logits, sampled),
-                                                      logprobs[:, length - 1])
-                response_lengths += generating.long()
+                step_logprobs = token_logprobs(work, sampled, logsumexp, self.eos_id, eos_column)
+                logprobs[:, length - 1] = torch.where(generating, step_logprobs, logprobs[:, length - 1])
+                response_lengths += generating
                 ended = generating & (sampled == self.eos_id)
                 if params.end_strings:
                     ended |= self._ends_with_string(tokens, prompt_lengths, response_lengths,
                                                     generating & ~ended, params.end_strings)
                 is_end |= ended
                 done |= ended | (generating & (response_lengths >= params.max_length))
+                if bool(done.all()):
+                    break
             length += 1
 
         out_len = int((prompt_lengths + response_lengths).max())
@@ -156,22 +185,23 @@ class KVCacheSampler:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _cached_logits(self, inner) -> NextLogits:
+    def _cached_logits(self, inner, batch: int, max_sequence: int, device) -> NextLogits:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         if self._context is None:
             self._context = StaticInferenceContext(self.max_batch_size, self.max_sequence_length)
         context = self._context
         context.reset()
+        # every position id the call can need, sliced per step instead of built per step
+        all_positions = torch.arange(max_sequence, device=device).unsqueeze(0).expand(batch, max_sequence)
 
         def next_logits(tokens: torch.Tensor, length: int) -> torch.Tensor:
             start = context.sequence_len_offset
             if start > 0 and length - start != 1:
                 raise RuntimeError(f"KV-cache steps must be one token (cache at {start}, asked for {length})")
-            chunk = tokens[:, start:length]
-            positions = torch.arange(start, length, device=tokens.device).unsqueeze(0).expand_as(chunk)
             # The static context materialises only the last position's logits: [B, 1, V].
-            logits = inner(chunk, positions, None, inference_context=context, runtime_gather_output=True)
+            logits = inner(tokens[:, start:length], all_positions[:, start:length], None,
+                           inference_context=context, runtime_gather_output=True)
             context.sequence_len_offset = length
             return logits[:, -1]
 

@@ -3,7 +3,10 @@
 1. TP=1: build a tiny Llama, save a native checkpoint, generate greedy and sampled batches.
 2. TP=N in the same processes: load that checkpoint (resharded), generate the same batches,
    check every TP rank holds identical tokens and that they equal the TP=1 result.
+3. TP=N again with the CPU compatibility mode kept on in the decode loop (the sampler suspends
+   it): the mode redirects nothing there (collectives included) and the outputs are bit-identical.
 """
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from aligner.compat import megatron_cpu
 from aligner.distributed import setup as dist_setup
 from aligner.generation.params import SamplingParams
 from aligner.generation.sampler import KVCacheSampler
@@ -42,8 +46,9 @@ def prompts():
     return tokens, lengths
 
 
-def generate_all(model) -> dict:
-    model.output_layer.register_forward_hook(eos_bias_hook)
+def generate_all(model, hook=True) -> dict:
+    if hook:
+        model.output_layer.register_forward_hook(eos_bias_hook)
     sampler = KVCacheSampler(model, eos_id=EOS, pad_id=PAD, max_batch_size=8, max_sequence_length=32)
     results = {}
     for kind, params in PARAMS.items():
@@ -79,6 +84,32 @@ def main() -> None:
         assert diff < 1e-5, (kind, diff)
         ended = "".join(str(int(e)) for e in ref.is_end)
         print(f"rank {layout.rank} tp={world} {kind} match ended={ended} max_abs_logprob_diff={diff:.2e}", flush=True)
+    # 3. the CPU mode kept on in the loop: it must have nothing to redirect
+    redirected = []
+    original = megatron_cpu._CudaDeviceToCpu.__torch_function__
+
+    def recording(self, func, types, args=(), kwargs=None):
+        kw = kwargs or {}
+        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory) or kw.get("pin_memory") \
+                or ("device" in kw and megatron_cpu._to_cpu_device(kw["device"]) is not kw["device"]) \
+                or (func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], (torch.dtype, torch.Tensor))
+                    and megatron_cpu._to_cpu_device(args[1]) is not args[1]):
+            redirected.append(getattr(func, "__name__", repr(func)))
+        return original(self, func, types, args, kwargs)
+
+    suspended = megatron_cpu.suspended
+    megatron_cpu._CudaDeviceToCpu.__torch_function__ = recording
+    megatron_cpu.suspended = contextlib.nullcontext
+    try:
+        moded = generate_all(model, hook=False)
+    finally:
+        megatron_cpu._CudaDeviceToCpu.__torch_function__ = original
+        megatron_cpu.suspended = suspended
+    assert megatron_cpu.is_installed() and not redirected, redirected
+    for kind, out in moded.items():
+        for field in ("tokens", "response_lengths", "is_end", "generator_logprobs"):
+            assert torch.equal(getattr(out, field), getattr(results[kind], field)), ("mode", kind, field)
+    print(f"rank {layout.rank} tp={world} mode-on match", flush=True)
     # unseeded sampling: each rank's generator gets a different OS seed, yet the TP group must agree
     sampler = KVCacheSampler(model, eos_id=EOS, pad_id=PAD, max_batch_size=8, max_sequence_length=32)
     tokens = sampler.generate(*prompts(), SamplingParams(temperature=1.0, max_length=12, seed=None)).tokens

@@ -15,6 +15,7 @@ def test_tp2_samples_match_tp1(tmp_path):
     for kind in ("greedy", "sampled"):
         assert out.count(f" {kind} match ") == 2, out
     assert out.count(" unseeded agree") == 2, out
+    assert out.count(" mode-on match") == 2, out  # the CPU mode, suspended in the loop, had nothing to do
     # the batch is only a real test if rows stopped at different times
     line = next(l for l in out.splitlines() if " sampled match " in l)
     ended = line.split("ended=")[1].split(" ")[0]
