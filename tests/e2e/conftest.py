@@ -53,21 +53,21 @@ def data_overrides(data: Path, kind: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def sft_run(movie_data, tmp_path_factory) -> Path:
-    """The default SFT recipe, shortened; later stages initialise from it."""
+    """The default SFT recipe (conf/gpt_sft.yaml, as the pipeline runs it); later stages start from it."""
     log_dir = tmp_path_factory.mktemp("runs") / "sft"
     run_script("train_gpt_sft.py", [*data_overrides(movie_data, "sft"), f"exp_manager.explicit_log_dir={log_dir}",
-                                     "trainer.sft.max_steps=120", "trainer.sft.val_check_interval=40",
+                                     "trainer.sft.max_steps=600", "trainer.sft.val_check_interval=200",
                                      "trainer.sft.save_interval=0", "exp_manager.create_tensorboard_logger=false"])
     return log_dir
 
 
 @pytest.fixture(scope="session")
 def rm_run(movie_data, sft_run, tmp_path_factory) -> Path:
-    """The reward model the PPO tests score with (and the critic starts from)."""
+    """The default reward-model recipe: what the PPO tests score with (and the critic starts from)."""
     log_dir = tmp_path_factory.mktemp("runs") / "rm"
     run_script("train_reward_model.py", [
         *data_overrides(movie_data, "comparisons"), f"pretrained_checkpoint.restore_from_path={sft_run}",
-        f"exp_manager.explicit_log_dir={log_dir}", "trainer.rm.max_steps=80", "trainer.rm.val_check_interval=40",
+        f"exp_manager.explicit_log_dir={log_dir}", "trainer.rm.max_steps=300", "trainer.rm.val_check_interval=100",
         "trainer.rm.limit_val_batches=null", "exp_manager.create_tensorboard_logger=false",
     ])
     return log_dir

@@ -8,7 +8,7 @@ from aligner.distributed.launch_env import free_port
 from aligner.evaluation.lexicon_judge import judge_samples
 from tests.e2e.conftest import CriticProcess, read_metrics, run_script, series
 
-PPO_STEPS = 30
+PPO_STEPS = 100  # the default recipe (conf/gpt_ppo_actor.yaml), as the README pipeline runs it
 
 
 def _actor_overrides(data, sft_run, log_dir, port, steps, extra=()):
@@ -26,7 +26,7 @@ def _critic_overrides(rm_run, log_dir, steps, extra=()):
 
 @pytest.fixture(scope="module")
 def ppo_run(movie_data, sft_run, rm_run, tmp_path_factory):
-    """One PPO run with the default recipe (shortened), actor and critic as separate processes."""
+    """One PPO run with the default recipe, actor and critic as separate processes."""
     tmp_path = tmp_path_factory.mktemp("ppo")
     port = free_port()
     critic = CriticProcess(_critic_overrides(rm_run, tmp_path / "critic", PPO_STEPS), port,
@@ -34,7 +34,7 @@ def ppo_run(movie_data, sft_run, rm_run, tmp_path_factory):
     try:
         run_script("train_gpt_ppo_actor.py", _actor_overrides(
             movie_data, sft_run, tmp_path / "actor", port, PPO_STEPS,
-            ["trainer.ppo.val_check_interval=15", "trainer.ppo.save_interval=15"]), timeout=1800)
+            ["trainer.ppo.val_check_interval=50", "trainer.ppo.save_interval=50"]), timeout=1800)
         handler = critic.metrics()["handler"]
     finally:
         assert critic.stop() == 0  # clean shutdown
@@ -58,18 +58,24 @@ def test_ppo_raises_reward_with_bounded_kl(ppo_run):
     print(json.dumps({"reward_first5": early, "reward_last5": late, "val": val, "kl_last": kl[-1]}, indent=1))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5 open: on the tiny default the policy exploits the small reward "
-                                       "model (e.g. repeating 'and a film'); RM reward rises, VADER does not")
 def test_ppo_raises_independent_vader_score(ppo_run):
+    """VADER (a lexicon, never used in training) judges the same 256 validation prompts' responses
+    (fixed sampling seed) before and after PPO: the policy must have become more positive, not
+    only better at pleasing the reward model."""
     actor_dir, _ = ppo_run
     samples = sorted((actor_dir / "samples").glob("val_step_*.jsonl"))
-    before, after = judge_samples(samples[0]), judge_samples(samples[-1])
+    judged = [judge_samples(path) for path in samples]
+    before, after = judged[0], judged[-1]
     print(json.dumps({"before": before, "after": after}, indent=1))
-    assert after["vader_response_mean"] > before["vader_response_mean"] + 0.05, (before, after)
+    assert before["samples"] == after["samples"] == 256
+    assert after["reward_mean"] > before["reward_mean"] + 0.2, judged
+    assert after["vader_response_mean"] > before["vader_response_mean"] + 0.05, judged
+    assert after["positive_response_fraction"] > before["positive_response_fraction"], judged
 
 
 TINY_ACTOR = ["model.ppo.num_rollout_samples=8", "model.ppo.rollout_micro_batch_size=8", "model.global_batch_size=8",
-              "model.micro_batch_size=4", "model.ppo.length_params.max_length=8", "trainer.ppo.val_check_interval=0",
+              "model.micro_batch_size=4", "model.ppo.length_params.max_length=8", "model.ppo.length_params.min_length=8",
+              "trainer.ppo.val_check_interval=0",
               "trainer.ppo.save_interval=1", "model.ppo.forward_micro_batch_size=8", "model.ppo.use_is_end_mask=false"]
 
 

@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="results/pipeline", help="directory for every stage's run")
     parser.add_argument("--data", default="data/movie_reviews")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
-    parser.add_argument("--sft-steps", type=int, default=200)
-    parser.add_argument("--rm-steps", type=int, default=150)
-    parser.add_argument("--ppo-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=600)
+    parser.add_argument("--rm-steps", type=int, default=300)
+    parser.add_argument("--ppo-steps", type=int, default=100)
     args = parser.parse_args(argv)
     if args.quick:
         args.sft_steps, args.rm_steps, args.ppo_steps = 6, 6, 2
