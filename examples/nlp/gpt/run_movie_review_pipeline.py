@@ -106,22 +106,28 @@ def summarise(out: Path, elapsed: float) -> dict:
     from aligner.training.plots import plot_curves
 
     samples = sorted((out / "ppo" / "samples").glob("val_step_*.jsonl"))
-    before, after = judge_samples(samples[0]), judge_samples(samples[-1])
+    judged = {int(path.stem.rsplit("_", 1)[1]): judge_samples(path) for path in samples}
+    before, after = judged[min(judged)], judged[max(judged)]
     history: dict[str, list] = {}
     for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         for key in ("rollout/reward_mean", "rollout/kl", "val/reward_mean"):
             if key in record:
                 history.setdefault(key, []).append((record["step"], record[key]))
+    history["val/vader_response_mean (independent judge)"] = [(step, j["vader_response_mean"]) for step, j in judged.items()]
     plot = plot_curves(history, out / "ppo_reward_kl.png", list(history), title="PPO on movie reviews")
+    print(f"{'val step':>8} {'RM reward':>10} {'VADER(response)':>16} {'positive':>9}")
+    for step, j in judged.items():
+        print(f"{step:8d} {j['reward_mean']:10.3f} {j['vader_response_mean']:16.3f} {j['positive_response_fraction']:9.0%}")
     print(f"{'step':>5} {'reward':>9} {'KL':>9}")
     for (step, reward), (_, kl) in zip(history.get("rollout/reward_mean", []), history.get("rollout/kl", [])):
         print(f"{step:5d} {reward:9.4f} {kl:9.4f}")
-    summary = {"before_ppo": before, "after_ppo": after, "plot": str(plot), "elapsed_s": round(elapsed, 1)}
-    for label, judged, name in (("before", before, samples[0].name), ("after ", after, samples[-1].name)):
-        print(f"validation samples {label} PPO ({name}): RM reward {judged['reward_mean']:.3f}, "
-              f"VADER(response) {judged['vader_response_mean']:.3f}, VADER(prompt+response) "
-              f"{judged['vader_full_mean']:.3f}, positive responses {judged['positive_response_fraction']:.0%}")
+    summary = {"before_ppo": before, "after_ppo": after, "validation": {str(k): v for k, v in judged.items()},
+               "plot": str(plot), "elapsed_s": round(elapsed, 1)}
+    for label, result, name in (("before", before, samples[0].name), ("after ", after, samples[-1].name)):
+        print(f"validation samples {label} PPO ({name}): RM reward {result['reward_mean']:.3f}, "
+              f"VADER(response) {result['vader_response_mean']:.3f}, VADER(prompt+response) "
+              f"{result['vader_full_mean']:.3f}, positive responses {result['positive_response_fraction']:.0%}")
     print(f"plot: {plot}\nwhole pipeline: {elapsed / 60:.1f} min")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
