@@ -142,6 +142,7 @@ def test_actor_fails_clearly_when_critic_stays_down(movie_data, sft_run, rm_run,
     finally:
         if actor.poll() is None:
             actor.kill()
+        critic.stop()  # already dead on the normal path; a failure before the kill must not leak it
     log = (tmp_path / "actor.log").read_text()
     assert code != 0
     assert f"127.0.0.1:{port}" in log and "remote_critic_rm.critic" in log, log[-3000:]
