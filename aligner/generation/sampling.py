@@ -30,13 +30,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, inpl
     top_k=0 and top_p=1.0 disable the respective filter.
     Returns a new tensor, or with `inplace=True` writes into `logits` and returns it.
     """
-    out = logits
+    out = logits if inplace else logits.clone()
     vocab = out.shape[-1]
     if 0 < top_k < vocab:
         kth_largest = torch.topk(out, top_k, dim=-1).values[..., -1:]
-        drop = out < kth_largest
-        out = out.masked_fill_(drop, float("-inf")) if inplace else out.masked_fill(drop, float("-inf"))
-        inplace = True  # `out` is ours from here on
+        out.masked_fill_(out < kth_largest, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(out, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits.float(), dim=-1)
@@ -45,8 +43,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, inpl
         drop_sorted[..., 0] = False  # never empty the set, whatever rounding does
         # `order` is a permutation of each row: every position is written exactly once
         drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        out = out.masked_fill_(drop, float("-inf")) if inplace else out.masked_fill(drop, float("-inf"))
-    return out if out is not logits or inplace else logits.clone()
+        out.masked_fill_(drop, float("-inf"))
+    return out
 
 
 def suppress_eos(logits: torch.Tensor, eos_id: int, step, min_length: int) -> torch.Tensor:
