@@ -39,6 +39,7 @@ from aligner.serving.protocol import (
     metrics_from_results,
     results_from_metadata,
     save_request_metadata,
+    train_request_metadata,
     validate,
 )
 
@@ -136,15 +137,18 @@ class CriticClient:
         """Like infer, but returns a Future at once; the tensors may be reused immediately."""
         return self._pool.submit(self._infer_call, *self._infer_request(tokens, lengths))
 
-    def train(self, tensors: Mapping[str, torch.Tensor], idempotency_key: str) -> dict[str, float]:
+    def train(self, tensors: Mapping[str, torch.Tensor], idempotency_key: str,
+              step: int | None = None) -> dict[str, float]:
         """One critic update on {tokens, lengths, returns, prev_values, mask}; returns the
         server's metrics. Use a key that names the logical update (e.g. "step12-mb3") so a
-        restarted actor does not train twice either."""
-        return self._train_call(*self._train_request(tensors, idempotency_key))
+        restarted actor does not train twice either. With ``step`` the update is sequenced:
+        the server answers 409 unless its state has applied exactly the steps before it."""
+        return self._train_call(*self._train_request(tensors, idempotency_key, step))
 
-    def train_async(self, tensors: Mapping[str, torch.Tensor], idempotency_key: str) -> Future:
+    def train_async(self, tensors: Mapping[str, torch.Tensor], idempotency_key: str,
+                    step: int | None = None) -> Future:
         """Like train, but returns a Future at once; the tensors may be reused immediately."""
-        return self._pool.submit(self._train_call, *self._train_request(tensors, idempotency_key))
+        return self._pool.submit(self._train_call, *self._train_request(tensors, idempotency_key, step))
 
     def save(self, step: int, path: str | None = None, idempotency_key: str | None = None) -> dict:
         """Ask the server to checkpoint the critic; returns the server's description of it."""
@@ -192,7 +196,7 @@ class CriticClient:
         dims = self._validate_locally(route, tensors, INFER_REQUEST)
         return route, encode_tensors(tensors), dims
 
-    def _train_request(self, tensors: Mapping[str, torch.Tensor], key: str):
+    def _train_request(self, tensors: Mapping[str, torch.Tensor], key: str, step: int | None = None):
         route = f"/{API_VERSION}/train"
         if not key:
             raise ValueError("train needs a non-empty idempotency_key")
@@ -201,7 +205,7 @@ class CriticClient:
             for name, t in tensors.items()
         }
         self._validate_locally(route, wire, TRAIN_REQUEST)
-        return route, encode_tensors(wire), key
+        return route, encode_tensors(wire, train_request_metadata(step)), key
 
     def _infer_call(self, route: str, body: bytes, dims: dict[str, int]) -> dict[str, torch.Tensor]:
         response = self._request("POST", route, body)

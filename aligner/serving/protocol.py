@@ -303,6 +303,32 @@ SAVE_REQUEST: tuple[TensorSpec, ...] = ()
 SAVE_RESPONSE: tuple[TensorSpec, ...] = ()
 
 
+def train_request_metadata(step: int | None) -> dict[str, str]:
+    """Metadata of a /v1/train body: the PPO step this update completes, when sequenced."""
+    if step is None:
+        return {}
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"train step must be an int >= 1, got {step!r}")
+    return {"step": str(step)}
+
+
+def parse_train_request(metadata: Mapping[str, str]) -> int | None:
+    """The optional PPO step of a /v1/train body; ProtocolError 400 naming the key when malformed.
+
+    A train request with a step is sequenced: the server applies step N only on a state that
+    has applied step N-1, so a restarted server cannot take updates out of order.
+    """
+    unexpected = sorted(set(metadata) - {"step"})
+    if unexpected:
+        raise ProtocolError(400, f"unexpected metadata key(s) {', '.join(map(repr, unexpected))}; accepted: step")
+    raw = metadata.get("step")
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
+        raise ProtocolError(400, f"metadata key 'step' must be a decimal int >= 1, got {raw!r}")
+    return int(raw)
+
+
 def save_request_metadata(step: int, path: str | None = None) -> dict[str, str]:
     """Metadata of a /v1/save body."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:

@@ -21,6 +21,7 @@ Every request that waits for the model holds one waitress thread, so ``threads``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -57,6 +58,7 @@ from aligner.serving.protocol import (
     encode_tensors,
     metrics_from_results,
     parse_save_request,
+    parse_train_request,
     results_to_metadata,
     validate,
 )
@@ -74,13 +76,16 @@ class CriticHandler(Protocol):
     infer:  {"tokens": int64 [B, S], "lengths": int64 [B]}
             -> {"values": float [B, S], optional "rewards": float [B]} (sent as float32)
     train:  {"tokens", "lengths", "returns" [B, S], "prev_values" [B, S], "mask" [B, S]}
-            -> metrics {name: float}
+            (+ ``step=N`` keyword when the request is sequenced) -> metrics {name: float}
     save:   (step, path or None) -> JSON-able dict, e.g. {"path": ..., "step": ...}
+
+    A handler refuses a request the client got wrong (or that conflicts with its state) by
+    raising ProtocolError with a 4xx status; anything else it raises is answered 500.
     """
 
     def infer(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
-    def train(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]: ...
+    def train(self, tensors: dict[str, torch.Tensor], step: int | None = None) -> dict[str, float]: ...
 
     def save(self, step: int, path: str | None) -> dict: ...
 
@@ -229,6 +234,8 @@ class _CriticService:
     def call_handler(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return fn(*args)
+        except ProtocolError:  # the handler's own refusal of this request: its 4xx status stands
+            raise
         except Exception as exc:
             logger.exception("handler.%s failed", name)
             raise _HttpError(500, f"handler.{name} raised {type(exc).__name__}: {exc}") from None
@@ -247,10 +254,12 @@ class _CriticService:
         return RecordedResponse(200, encode_tensors(out), CONTENT_TYPE)
 
     def train(self, body: bytes) -> RecordedResponse:
-        tensors, _ = self.decode(body)
+        tensors, metadata = self.decode(body)
         validate(tensors, TRAIN_REQUEST)
+        step = parse_train_request(metadata)
+        train = self.handler.train if step is None else functools.partial(self.handler.train, step=step)
         with self.exclusive():
-            results = self.call_handler("train", self.handler.train, tensors)
+            results = self.call_handler("train", train, tensors)
         try:
             metrics = metrics_from_results(dict(results))
         except (ProtocolError, TypeError, ValueError) as exc:

@@ -54,7 +54,9 @@ from omegaconf import DictConfig
 from aligner.models.gpt import position_ids_for
 from aligner.models.weight_swap import ParkedWeights
 from aligner.objectives.ppo import clipped_value_loss
+from aligner.faults import fault_point
 from aligner.serving.followers import gather_from_ranks, split_for_rank
+from aligner.serving.protocol import ProtocolError
 from aligner.trainers.reward_model import last_token_values
 from aligner.training import checkpoint
 from aligner.training.config_check import ConfigError
@@ -252,6 +254,9 @@ class CriticWorker:
         self.device = run.layout.device
         restored = restored or {}
         self.applied_train_requests = int(restored.get("applied_train_requests", 0))
+        # The PPO step the state has reached: that of the last applied train request. A
+        # checkpoint is labelled with it and nothing else (check_save).
+        self.trained_step = int(restored.get("trained_step", restored.get("ppo_step", 0)))
         self.checkpoint_step = int(restored["ppo_step"]) if "ppo_step" in restored else None
         self.remembered_keys = max(1, int(remembered_keys))
         results = restored.get("idempotency_results") or {}
@@ -265,21 +270,37 @@ class CriticWorker:
     def check_infer(self, tensors: dict[str, torch.Tensor]) -> None:
         self._check_tokens(tensors["tokens"])
 
-    def check_train(self, tensors: dict[str, torch.Tensor]) -> None:
+    def check_train(self, tensors: dict[str, torch.Tensor], step: int | None = None) -> None:
         if self.mode == "rm":
-            raise RuntimeError("this is a reward-model-only server (serve_reward_model.py): it has no critic "
-                               "to train; send /v1/train to the critic server (serve_ppo_critic.py)")
+            raise ProtocolError(409, "this is a reward-model-only server (serve_reward_model.py): it has no critic "
+                                     "to train; send /v1/train to the critic server (serve_ppo_critic.py)")
+        if step is not None and step != self.trained_step + 1:
+            raise ProtocolError(409, f"metadata 'step': this train request completes PPO step {step}, but the "
+                                     f"critic's state is at step {self.trained_step}; send the train requests of "
+                                     f"steps {self.trained_step + 1}..{step - 1} first (critic_step="
+                                     f"{self.trained_step})")
         self._check_tokens(tensors["tokens"])
+
+    def check_save(self, step: int) -> None:
+        """A checkpoint's label must be the step its state has reached, never another."""
+        if self.mode == "rm":
+            raise ProtocolError(409, "this is a reward-model-only server: there is no critic state to save")
+        if step != self.trained_step:
+            raise ProtocolError(409, f"metadata 'step': refusing to label a checkpoint PPO step {step}: the "
+                                     f"critic's state is at step {self.trained_step} (its last applied train "
+                                     f"request); send the missing train requests first (critic_step="
+                                     f"{self.trained_step})")
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         config = self.run.model_config
         top = int(tokens.max())
         if top >= config.vocab_size:
-            raise ValueError(f"field 'tokens': id {top} is outside the model's vocabulary of {config.vocab_size}; "
-                             "do the actor and the critic use the same tokenizer (model.tokenizer.model)?")
+            raise ProtocolError(422, f"field 'tokens': id {top} is outside the model's vocabulary of "
+                                     f"{config.vocab_size}; do the actor and the critic use the same tokenizer "
+                                     "(model.tokenizer.model)?")
         if not config.is_llama and tokens.shape[1] > config.max_position_embeddings:
-            raise ValueError(f"field 'tokens': sequence length {tokens.shape[1]} exceeds the model's "
-                             f"max_position_embeddings={config.max_position_embeddings}")
+            raise ProtocolError(422, f"field 'tokens': sequence length {tokens.shape[1]} exceeds the model's "
+                                     f"max_position_embeddings={config.max_position_embeddings}")
 
     def recorded_result(self, key: str | None) -> dict[str, float] | None:
         """Metrics of a train request already applied to the current state, else None."""
@@ -293,6 +314,7 @@ class CriticWorker:
         """{tokens [B,S], lengths [B]} -> {values [B,S]} (+ rewards [B]); full batch on every rank."""
         from megatron.core import parallel_state
 
+        fault_point("critic.infer")
         tokens = tensors["tokens"].to(self.device)
         lengths = tensors["lengths"].to(self.device)
         batch, seq = tokens.shape
@@ -321,8 +343,10 @@ class CriticWorker:
         records = collect_forward(self.run.model, TokenValues(), micro_batches)
         return torch.cat([record["values"] for record in records], dim=0)
 
-    def train(self, tensors: dict[str, torch.Tensor], key: str | None = None) -> dict[str, float]:
-        """Optimizer steps on {tokens, lengths, returns, prev_values, mask}; returns metrics."""
+    def train(self, tensors: dict[str, torch.Tensor], key: str | None = None,
+              step: int | None = None) -> dict[str, float]:
+        """Optimizer steps on {tokens, lengths, returns, prev_values, mask}; returns metrics.
+        ``step``: the PPO step this request completes (check_train has checked the order)."""
         layout = self.run.layout
         data = {name: tensors[name].to(self.device) for name in ("tokens", "lengths", "returns", "prev_values")}
         seq = data["tokens"].shape[1]
@@ -341,11 +365,13 @@ class CriticWorker:
                 micro = split_micro_batches(pad_rows(share, micro_size, zero_fields=("mask",)), micro_size)
                 steps.append(train_step(self.run.model, self.run.optimizer, self.run.scheduler, self.loss, micro))
 
+        fault_point("critic.train")
         self.applied_train_requests += 1
+        self.trained_step = step if step is not None else self.trained_step + 1
         metrics = combine_step_metrics(steps)
         self.last_train = dict(metrics)
         self.run.metrics.log(self.applied_train_requests, {f"train/{k}": v for k, v in metrics.items()})
-        result = {**metrics, "critic_step": float(self.applied_train_requests),
+        result = {**metrics, "critic_step": float(self.trained_step),
                   "applied_train_requests": float(self.applied_train_requests)}
         if key is not None:
             self.applied_keys[key] = dict(result)
@@ -357,11 +383,11 @@ class CriticWorker:
     def save(self, step: int, path: str | None = None) -> dict[str, Any]:
         """Native checkpoint ``step_<step>`` under ``path`` (default: exp_manager.explicit_log_dir
         /checkpoints, where a restarted server resumes from). Collective."""
-        if self.mode == "rm":
-            raise RuntimeError("this is a reward-model-only server: there is no critic state to save")
+        self.check_save(step)  # rank 0 checked before broadcasting; the others agree
         self.run.step = int(step)
         extra = {
             "ppo_step": int(step),
+            "trained_step": self.trained_step,
             "applied_train_requests": self.applied_train_requests,
             "idempotency_keys": list(self.applied_keys),
             "idempotency_results": dict(self.applied_keys),
@@ -381,7 +407,8 @@ class CriticWorker:
         return {
             "mode": self.mode,
             "applied_train_requests": self.applied_train_requests,
-            "critic_step": self.applied_train_requests,
+            "critic_step": self.trained_step,
+            "trained_step": self.trained_step,
             "checkpoint_step": self.checkpoint_step,
             "remembered_keys": len(self.applied_keys),
             "reward_standardization": (None if self.reward_stats is None

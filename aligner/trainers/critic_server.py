@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from aligner.compat import megatron_cpu
+from aligner.faults import fault_point
 from aligner.serving.followers import Command, CommandBroadcaster, follower_loop
 from aligner.serving.protocol import IDEMPOTENCY_HEADER
 from aligner.serving.server import create_app, make_server, write_ready_file
@@ -73,20 +74,22 @@ class CriticFront:
             out = self._everywhere(Command.INFER, tensors, {}, lambda: self.worker.infer(tensors))
         return {name: tensor.cpu() for name, tensor in out.items()}
 
-    def train(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train(self, tensors: dict[str, torch.Tensor], step: int | None = None) -> dict[str, float]:
         key = current_idempotency_key()
         with self._exclusive():
             recorded = self.worker.recorded_result(key)
             if recorded is not None:  # applied before (e.g. before the checkpoint we resumed from)
                 log.info("train request %r was already applied; answering with its recorded metrics", key)
                 return recorded
-            self.worker.check_train(tensors)
-            metadata = {"key": key} if key is not None else {}
-            return self._everywhere(Command.TRAIN, tensors, metadata, lambda: self.worker.train(tensors, key))
+            self.worker.check_train(tensors, step)
+            metadata = {**({"key": key} if key is not None else {}), **({"step": str(step)} if step else {})}
+            return self._everywhere(Command.TRAIN, tensors, metadata, lambda: self.worker.train(tensors, key, step))
 
     def save(self, step: int, path: str | None) -> dict:
+        fault_point("critic.before_save")
         metadata = {"step": str(step), **({"path": path} if path is not None else {})}
         with self._exclusive():
+            self.worker.check_save(step)
             return self._everywhere(Command.SAVE, {}, metadata, lambda: self.worker.save(step, path))
 
     def is_ready(self) -> bool:
@@ -201,7 +204,8 @@ def follow(worker) -> int:
         handled = follower_loop(
             {
                 Command.INFER: lambda tensors, meta: worker.infer(tensors),
-                Command.TRAIN: lambda tensors, meta: worker.train(tensors, meta.get("key")),
+                Command.TRAIN: lambda tensors, meta: worker.train(
+                    tensors, meta.get("key"), int(meta["step"]) if "step" in meta else None),
                 Command.SAVE: lambda tensors, meta: worker.save(int(meta["step"]), meta.get("path")),
             },
             device=worker.device,

@@ -41,7 +41,8 @@ from aligner.objectives.ppo import (
     ppo_policy_loss,
     shape_rewards,
 )
-from aligner.serving.client import CriticClient
+from aligner.faults import fault_point
+from aligner.serving.client import CriticClient, CriticRequestError
 from aligner.training.config_check import to_plain
 from aligner.training.loop import endless
 from aligner.training.offload import OptimizerStateOffloader
@@ -55,6 +56,91 @@ log = logging.getLogger("aligner.ppo")
 
 class CheckpointPairError(RuntimeError):
     """The actor's and the critic's checkpoints are not from the same PPO step."""
+
+
+class CriticStateLost(RuntimeError):
+    """The critic lost updates that the actor no longer holds to re-send."""
+
+
+class CriticSync:
+    """The actor's side of exactly-once critic training: every PPO step's critic update is in
+    the critic's state once, in order, and a tied checkpoint pair holds the same steps.
+
+    Train requests are sequenced (``step`` N is applied only on a state at N-1; the critic
+    answers 409 otherwise) and kept here until a tied checkpoint covers them. After a critic
+    restart (it resumes from its last checkpoint) the actor re-sends what the critic lacks,
+    under the same idempotency keys; a checkpoint is requested only once the critic's state is
+    at the step it will be labelled with (the critic refuses any other label with 409).
+    """
+
+    def __init__(self, client: CriticClient, run_id: str, endpoint: str, total_timeout_s: float):
+        self.client, self.run_id, self.endpoint = client, run_id, endpoint
+        self.total_timeout_s = total_timeout_s
+        self.unsaved: dict[int, dict[str, torch.Tensor]] = {}  # step -> train request since the last save
+        self.pending = None  # (step, Future) of the last train request, not yet awaited
+        self.saved_step = 0
+
+    def key(self, step: int) -> str:
+        return f"{self.run_id}:critic-train:{step}"
+
+    def send(self, step: int, request: dict[str, torch.Tensor]) -> None:
+        """Fire step's update without waiting (collect it with wait())."""
+        self.unsaved[step] = request
+        self.pending = (step, self.client.train_async(request, idempotency_key=self.key(step), step=step))
+
+    def wait(self) -> dict[str, float]:
+        """Metrics of the last update sent; re-sends what a restarted critic lacks."""
+        if self.pending is None:
+            return {}
+        step, future = self.pending
+        self.pending = None
+        try:
+            return future.result()
+        except CriticRequestError as exc:
+            if exc.status != 409:
+                raise
+            log.warning("critic refused step %d's update (%s): re-sending what it lacks", step, exc.message)
+            return self.catch_up(step)
+
+    def critic_step(self) -> int:
+        self.client.wait_until_ready(self.total_timeout_s)
+        return int(self.client.metrics()["handler"]["trained_step"])
+
+    def catch_up(self, step: int) -> dict[str, float]:
+        """Bring the critic's state to ``step`` by re-sending the held requests it lacks."""
+        at = self.critic_step()
+        if at > step:
+            raise CheckpointPairError(f"the critic server at {self.endpoint} is at PPO step {at}, ahead of the "
+                                      f"actor's step {step}: it was not restarted from the actor's tied checkpoint")
+        missing = list(range(at + 1, step + 1))
+        lost = [s for s in missing if s not in self.unsaved]
+        if lost:
+            raise CriticStateLost(
+                f"the critic server at {self.endpoint} is at PPO step {at} but the actor is at step {step}: the "
+                f"updates of steps {lost[0]}..{lost[-1]} are lost (the critic resumed from an older checkpoint "
+                f"than the last tied one, step {self.saved_step}). Restart both from the tied checkpoint pair of "
+                f"step {self.saved_step} (exp_manager.resume_if_exists=true on both sides).")
+        metrics: dict[str, float] = {}
+        for s in missing:
+            log.warning("re-sending the critic update of PPO step %d (the critic restarted at step %d)", s, at)
+            metrics = self.client.train(self.unsaved[s], idempotency_key=self.key(s), step=s)
+        return metrics
+
+    def save(self, step: int, attempts: int = 3) -> dict:
+        """A critic checkpoint labelled ``step`` that holds exactly the updates of steps 1..step."""
+        self.wait()
+        for attempt in range(attempts):
+            self.catch_up(step)
+            try:
+                info = self.client.save(step, idempotency_key=f"{self.run_id}:critic-save:{step}")
+            except CriticRequestError as exc:  # restarted again between catch-up and save
+                if exc.status != 409 or attempt == attempts - 1:
+                    raise
+                continue
+            self.unsaved.clear()
+            self.saved_step = step
+            return info
+        raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------- model passes
@@ -185,7 +271,11 @@ class PPOActor:
         self.combined = bool(remote.combine_rm_and_critic_server)
         self.critic = self._client(remote.critic) if self.is_caller else None
         self.reward_model = (self._client(remote.reward_model) if self.is_caller and not self.combined else None)
-        self.pending_critic_train = None
+        endpoint = f"{remote.critic.ip}:{remote.critic.port}"
+        self.critic_sync = (CriticSync(self.critic, self.run_id, endpoint, float(remote.total_timeout_s))
+                            if self.is_caller and run.layout.dp_rank == 0 else None)
+        if self.critic_sync is not None:
+            self.critic_sync.saved_step = run.step
 
     def _client(self, endpoint) -> CriticClient:
         remote = self.cfg.remote_critic_rm
@@ -315,6 +405,7 @@ class PPOActor:
                     continue
                 batches = [{k: v[rows_mb[i:i + micro]] for k, v in data.items()} for i in range(0, len(rows_mb), micro)]
                 results.append(train_step(self.run.model, self.run.optimizer, self.run.scheduler, loss, batches))
+                fault_point("actor.update")
         return results
 
     def critic_train_request(self, rollouts: Rollouts, signal: dict) -> dict[str, torch.Tensor]:
@@ -395,6 +486,7 @@ def train(cfg: DictConfig, schema) -> dict:
             if actor.offloader:
                 actor.offloader.offload()
             with _timed(timings, "generate"):
+                fault_point("actor.generate")
                 rollouts = actor.generate(next(batches), actor.prompts, actor.sampling)
             with _timed(timings, "logprobs"):
                 rollouts.logprobs = actor.logprobs(rollouts)
@@ -403,17 +495,15 @@ def train(cfg: DictConfig, schema) -> dict:
                     rollouts.ref_logprobs = actor.logprobs(rollouts)
             metrics: dict[str, float] = {}
             with _timed(timings, "critic_infer_wait"):
-                if actor.pending_critic_train is not None:  # the previous step's critic update
-                    metrics.update({f"critic/{k}": v for k, v in actor.pending_critic_train.result().items()})
-                    actor.pending_critic_train = None
+                if actor.critic_sync is not None:  # the previous step's critic update
+                    metrics.update({f"critic/{k}": v for k, v in actor.critic_sync.wait().items()})
                 actor.collect_scores(rollouts)
             signal = actor.advantages(rollouts, kl_coef)
             metrics.update({f"rollout/{k}": v for k, v in rollout_metrics(rollouts, signal).items()})
             # the critic learns from every rollout; its request is not awaited here
             request = {k: _gather_dp(v) for k, v in actor.critic_train_request(rollouts, signal).items()}
-            key = f"{actor.run_id}:critic-train:{run.step + 1}"
-            if actor.is_caller and run.layout.dp_rank == 0:
-                actor.pending_critic_train = actor.critic.train_async(request, idempotency_key=key)
+            if actor.critic_sync is not None:
+                actor.critic_sync.send(run.step + 1, request)
             if actor.offloader:
                 actor.offloader.restore()
             with _timed(timings, "actor_train"):
@@ -421,10 +511,9 @@ def train(cfg: DictConfig, schema) -> dict:
                     updates = actor.train_actor(rollouts, signal, run.step)
                     metrics.update({f"train/{k}": v for k, v in _average(updates).items()})
                     metrics["train/updates"] = float(len(updates))
-            if actor.pending_critic_train is not None and ppo.wait_for_critic_each_step:
+            if actor.critic_sync is not None and ppo.wait_for_critic_each_step:
                 with _timed(timings, "critic_train_wait"):
-                    metrics.update({f"critic/{k}": v for k, v in actor.pending_critic_train.result().items()})
-                    actor.pending_critic_train = None
+                    metrics.update({f"critic/{k}": v for k, v in actor.critic_sync.wait().items()})
             actor.backend.refit(run.model)
             run.step += 1
             elapsed = time.perf_counter() - step_start
@@ -493,10 +582,7 @@ def save(actor: PPOActor) -> None:
     """Critic first (same step id), then the actor, which records the pairing."""
     run = actor.run
     critic_info = {}
-    if actor.is_caller and run.layout.dp_rank == 0:
-        if actor.pending_critic_train is not None:
-            actor.pending_critic_train.result()
-            actor.pending_critic_train = None
-        critic_info = actor.critic.save(run.step, idempotency_key=f"{actor.run_id}:critic-save:{run.step}")
+    if actor.critic_sync is not None:
+        critic_info = actor.critic_sync.save(run.step)
     run.save_checkpoint({"sampler": actor.sampler.state_dict(), "run_id": actor.run_id,
                          "critic": {"step": run.step, **({"path": str(critic_info.get("path"))} if critic_info else {})}})

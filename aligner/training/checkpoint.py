@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from aligner.faults import fault_point
+
 log = logging.getLogger("aligner.checkpoint")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -116,6 +118,10 @@ def save(root: str | os.PathLike, step: int, model, optimizer, trainer_state: di
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     from megatron.core import dist_checkpointing
 
+    from aligner.compat import child_processes
+
+    child_processes.install()  # megatron's writer processes must not outlive us
+
     if not optimizer_has_state(optimizer):
         optimizer = None
 
@@ -131,6 +137,7 @@ def save(root: str | os.PathLike, step: int, model, optimizer, trainer_state: di
     dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(partial / "weights"))
     torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
+    fault_point("checkpoint.before_commit")
     if _rank() == 0:
         _write_json_atomic(partial / STATE_FILE, {**trainer_state, "step": step,
                                                   "has_optimizer_state": optimizer is not None})

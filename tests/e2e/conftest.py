@@ -32,6 +32,30 @@ def read_metrics(log_dir: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def checkpoint_tensors(weights_dir: Path) -> dict:
+    """Every tensor of a checkpoint's weights/ (megatron's torch_dist format is PyTorch DCP),
+    read without a process group: model weights and, when saved, optimizer moments."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(weights_dir), f"{tmp}/all.pt")
+        flat = torch.load(f"{tmp}/all.pt", weights_only=False)
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        elif isinstance(value, torch.Tensor):
+            out[prefix.rstrip(".")] = value
+
+    walk("", flat)
+    return out
+
+
 def series(rows: list[dict[str, float]], key: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), r[key]) for r in rows if key in r]
 
@@ -80,13 +104,15 @@ class CriticProcess:
         self.overrides, self.port, self.log_path = overrides, port, log_path
         self.proc = None
 
-    def start(self, timeout: float = 300) -> "CriticProcess":
+    def start(self, timeout: float = 300, fault: str | None = None) -> "CriticProcess":
+        """fault: an ALIGNER_FAULT spec (aligner/faults.py): the server kills itself there."""
         from aligner.serving.client import CriticClient
 
         log = open(self.log_path, "a")
+        env = child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1", **({"ALIGNER_FAULT": fault} if fault else {}))
         self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / "serve_ppo_critic.py"), *self.overrides,
                                       f"trainer.ppo.port={self.port}"], stdout=log, stderr=subprocess.STDOUT,
-                                     env=child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1"), cwd=str(REPO))
+                                     env=env, cwd=str(REPO))
         client = CriticClient("127.0.0.1", self.port, total_timeout_s=timeout)
         try:
             client.wait_until_ready(timeout)

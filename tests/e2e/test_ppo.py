@@ -1,12 +1,14 @@
 """PPO end to end: actor + separate critic server on the movie-review default, and faults."""
 import json
+import signal
 import time
 
 import pytest
+import torch
 
 from aligner.distributed.launch_env import free_port
 from aligner.evaluation.lexicon_judge import judge_samples
-from tests.e2e.conftest import CriticProcess, read_metrics, run_script, series
+from tests.e2e.conftest import CriticProcess, checkpoint_tensors, read_metrics, run_script, series
 
 PPO_STEPS = 100  # the default recipe (conf/gpt_ppo_actor.yaml), as the README pipeline runs it
 
@@ -103,29 +105,65 @@ def _start_actor(args, log):
                             env=child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1"))
 
 
-def test_critic_killed_and_restarted_actor_completes_without_double_training(movie_data, sft_run, rm_run, tmp_path):
-    steps = 5
+FAULT_STEPS = 4
+
+
+def _tiny_ppo(movie_data, sft_run, rm_run, root, critic_fault: str | None = None) -> dict:
+    """A tiny PPO run saving at every step; with critic_fault (an ALIGNER_FAULT spec) the critic
+    kills itself there and is restarted at once on the same port. Returns the critic's metrics."""
     port = free_port()
-    critic = CriticProcess(_critic_overrides(rm_run, tmp_path / "critic", steps), port, tmp_path / "critic.log").start()
-    actor = _start_actor(_actor_overrides(movie_data, sft_run, tmp_path / "actor", port, steps,
-                                          [*TINY_ACTOR, "remote_critic_rm.total_timeout_s=300"]), tmp_path / "actor.log")
+    critic = CriticProcess(_critic_overrides(rm_run, root / "critic", FAULT_STEPS), port,
+                           root / "critic.log").start(fault=critic_fault)
+    actor = _start_actor(_actor_overrides(movie_data, sft_run, root / "actor", port, FAULT_STEPS,
+                                          [*TINY_ACTOR, "remote_critic_rm.total_timeout_s=300"]), root / "actor.log")
     try:
-        _wait_for_step(tmp_path / "actor", 2, actor)
-        critic.kill()  # SIGKILL: no chance to save anything
-        time.sleep(3)
-        critic.start()  # resumes from its latest checkpoint (saved with the actor's at each step)
-        assert actor.wait(timeout=900) == 0, (tmp_path / "actor.log").read_text()[-4000:]
-        handler = critic.metrics()["handler"]
+        if critic_fault:
+            assert critic.proc.wait(timeout=600) == -signal.SIGKILL, (root / "critic.log").read_text()[-3000:]
+            critic.start()  # at once: the port must bind again right away
+        assert actor.wait(timeout=900) == 0, (root / "actor.log").read_text()[-4000:]
+        return critic.metrics()["handler"]
     finally:
         if actor.poll() is None:
             actor.kill()
         critic.stop()
-    # every PPO step's critic update is in the critic's state exactly once
-    final = json.loads(sorted((tmp_path / "critic" / "checkpoints").glob("step_*/trainer_state.json"))[-1].read_text())
-    keys = final["idempotency_keys"]
-    assert len(keys) == len(set(keys)) == steps, keys
-    assert final["applied_train_requests"] == handler["applied_train_requests"] == steps
-    assert final["ppo_step"] == steps
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_tiny_ppo(movie_data, sft_run, rm_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_uninterrupted")
+    _tiny_ppo(movie_data, sft_run, rm_run, root)
+    return root
+
+
+def _final_weights(root, side: str) -> dict:
+    return checkpoint_tensors(root / side / "checkpoints" / f"step_{FAULT_STEPS:07d}" / "weights")
+
+
+@pytest.mark.parametrize("fault", ["critic.before_save@2", "critic.train@3"],
+                         ids=["after-train-answered-before-save", "during-train"])
+def test_critic_killed_at_named_point_loses_no_update(movie_data, sft_run, rm_run, uninterrupted_tiny_ppo,
+                                                      tmp_path, fault):
+    """SIGKILL of the critic at a named point, restart at once on the same port: every PPO step's
+    critic update is in the critic's state exactly once and in order, every checkpoint is labelled
+    with the step its state has reached, and the final actor and critic weights equal those of the
+    same run without the fault."""
+    handler = _tiny_ppo(movie_data, sft_run, rm_run, tmp_path, critic_fault=fault)
+    assert handler["trained_step"] == handler["applied_train_requests"] == FAULT_STEPS
+    states = sorted((tmp_path / "critic" / "checkpoints").glob("step_*/trainer_state.json"))
+    assert states
+    for path in states:
+        state = json.loads(path.read_text())
+        keys = state["idempotency_keys"]
+        assert state["ppo_step"] == state["trained_step"] == state["step"], path
+        assert [int(k.rsplit(":", 1)[1]) for k in keys] == list(range(1, state["ppo_step"] + 1)), (path, keys)
+    actor_log = (tmp_path / "actor.log").read_text()
+    if fault.startswith("critic.before_save"):  # the critic restarted without step 2's update
+        assert "re-sending the critic update of PPO step 2" in actor_log, actor_log[-3000:]
+    for side in ("critic", "actor"):
+        got, want = _final_weights(tmp_path, side), _final_weights(uninterrupted_tiny_ppo, side)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=f"{side} {name}")
 
 
 def test_actor_fails_clearly_when_critic_stays_down(movie_data, sft_run, rm_run, tmp_path):

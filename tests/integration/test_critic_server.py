@@ -329,7 +329,7 @@ def test_reward_model_server_alone(servers, reward_model, rm_weights):
     for rows in (slice(0, 1), slice(0, 7)):
         got = job.client.infer(tokens[rows], lengths[rows])["rewards"]
         torch.testing.assert_close(got.double(), ((raw - stats["mean"]) / stats["std"])[rows], atol=5e-4, rtol=1e-4)
-    with pytest.raises(CriticServerError, match="reward-model-only"):
+    with pytest.raises(CriticRequestError, match="reward-model-only"):
         job.client.train({"tokens": tokens, "lengths": lengths, "returns": torch.zeros(7, 9),
                           "prev_values": torch.zeros(7, 9), "mask": torch.ones(7, 9)}, "rm-train")
 
@@ -413,9 +413,10 @@ def test_replayed_key_does_not_train_again(servers, rm_weights, reward_model):
 
 
 def test_save_restart_resume_exactly_once(servers, rm_weights, reward_model):
-    """Save at PPO step 7, apply one more request, SIGTERM (exit 0), restart from the checkpoint:
-    the state is the checkpoint's, a key applied before it is not re-applied, one applied after it
-    is, and the rewards still come from the reward model (parked before the resume)."""
+    """Save at the PPO step the state has reached (another label is refused with 409 and writes
+    nothing), apply one more request, SIGTERM (exit 0), restart from the checkpoint: the state
+    is the checkpoint's, a key applied before it is not re-applied, one applied after it is, and
+    the rewards still come from the reward model (parked before the resume)."""
     job = servers["jobs"]["single"]
     client = job.client
     request, _ = _train_request(servers, rm_weights, reward_model)
@@ -424,14 +425,21 @@ def test_save_restart_resume_exactly_once(servers, rm_weights, reward_model):
     saved_count = client.metrics()["handler"]["applied_train_requests"]
     saved_values = client.infer(tokens, lengths)["values"]
 
-    result = client.save(7)
+    step = client.metrics()["handler"]["trained_step"]
+    for wrong in (step + 1, step - 1):  # a label the state has not reached, or has passed
+        with pytest.raises(CriticRequestError) as refused:
+            client.save(wrong)
+        assert refused.value.status == 409 and f"critic_step={step}" in str(refused.value)
+        assert not list(job.log_dir.glob(f"checkpoints/step_{wrong:07d}*"))
+    result = client.save(step)
     path = Path(result["path"])
-    assert result["step"] == 7 and path.name == "step_0000007" and (path / "COMPLETE").is_file()
+    assert result["step"] == step and path.name == f"step_{step:07d}" and (path / "COMPLETE").is_file()
     state = json.loads((path / "trainer_state.json").read_text())
-    assert state["ppo_step"] == 7 and state["step"] == 7 and state["scalar_head"] is True
+    assert state["ppo_step"] == step == state["trained_step"] and state["step"] == step
+    assert state["scalar_head"] is True
     assert state["applied_train_requests"] == saved_count
     assert "before-save" in state["idempotency_keys"] and state["has_optimizer_state"]
-    assert client.metrics()["handler"]["checkpoint_step"] == 7
+    assert client.metrics()["handler"]["checkpoint_step"] == step
 
     client.train(request, "after-save")
     assert job.terminate() == 0
@@ -443,7 +451,7 @@ def test_save_restart_resume_exactly_once(servers, rm_weights, reward_model):
     servers["jobs"]["single"] = restarted  # the fixture's teardown kills it if a check fails
     client = restarted.wait_ready()
     handler = client.metrics()["handler"]
-    assert handler["checkpoint_step"] == 7 and handler["applied_train_requests"] == saved_count
+    assert handler["checkpoint_step"] == step and handler["applied_train_requests"] == saved_count
     out = client.infer(tokens, lengths)
     torch.testing.assert_close(out["values"], saved_values, atol=1e-6, rtol=0)
     torch.testing.assert_close(out["rewards"], servers["initial"]["single"]["rewards"], atol=1e-6, rtol=0)
