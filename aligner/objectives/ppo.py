@@ -17,7 +17,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from aligner.objectives.kl import token_kl
 from aligner.objectives.masked import compute_dtype, masked_mean
+from aligner.objectives.policy_loss import clipped_policy_loss
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, use_absolute_kl: bool) -> torch.Tensor:
@@ -25,16 +27,14 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, use_absolute_
 
     Summed over a sampled response this is an unbiased estimate of KL(policy || ref) but each
     term can be negative; ``use_absolute_kl`` takes ``|logp - logp_ref|`` so the penalty can
-    never turn into a bonus.
+    never turn into a bonus. (``kl.token_kl`` with ``"k1"`` / ``"abs"``.)
 
     Args:
         logprobs, ref_logprobs: ``[batch, T]``.
     Returns:
         ``[batch, T]``.
     """
-    dtype = compute_dtype(logprobs, ref_logprobs)
-    kl = logprobs.to(dtype) - ref_logprobs.to(dtype)
-    return kl.abs() if use_absolute_kl else kl
+    return token_kl(logprobs, ref_logprobs, "abs" if use_absolute_kl else "k1")
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -139,9 +139,7 @@ def approx_kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch
     Returns:
         scalar.
     """
-    dtype = compute_dtype(logprobs, ref_logprobs)
-    log_ratio = ref_logprobs.to(dtype) - logprobs.to(dtype)
-    return masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return masked_mean(token_kl(logprobs, ref_logprobs, "k3"), mask)
 
 
 def ppo_policy_loss(
@@ -155,6 +153,8 @@ def ppo_policy_loss(
 
     ``ratio = exp(logp - logp_old)``; per token ``max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps))``,
     averaged over the tokens of ``mask`` (token-weighted across the whole micro-batch).
+    This is ``policy_loss.clipped_policy_loss`` with a symmetric clip range and ``token-mean``
+    over the micro-batch's own tokens.
 
     Args:
         logprobs: ``[batch, T]`` current policy, with gradient.
@@ -169,23 +169,8 @@ def ppo_policy_loss(
         (the tokens were sampled from the old policy);
         ``ratio_mean``: mean ratio over the tokens.
     """
-    dtype = compute_dtype(logprobs, old_logprobs, advantages)
-    logprobs = logprobs.to(dtype)
-    old_logprobs = old_logprobs.to(dtype)
-    advantages = advantages.to(dtype)
-
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - ratio_eps, 1.0 + ratio_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-
-    with torch.no_grad():
-        metrics = {
-            "clip_fraction": masked_mean(((ratio - 1.0).abs() > ratio_eps).to(dtype), mask),
-            "approx_kl": approx_kl_k3(old_logprobs, logprobs, mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-    return loss, {k: v.detach() for k, v in metrics.items()}
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_ratio_low=ratio_eps,
+                               clip_ratio_high=ratio_eps, loss_agg_mode="token-mean")
 
 
 def clipped_value_loss(
