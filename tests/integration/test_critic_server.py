@@ -412,6 +412,23 @@ def test_replayed_key_does_not_train_again(servers, rm_weights, reward_model):
     torch.testing.assert_close(client.infer(servers["tokens"], servers["lengths"])["values"], values, atol=0, rtol=0)
 
 
+def test_sequenced_train_refuses_out_of_order_steps(servers, rm_weights, reward_model):
+    """A train request naming its PPO step is applied only on a state at the step before; a gap
+    or a step already passed is refused with 409 (naming where the critic is) and changes nothing."""
+    client = servers["jobs"]["single"].client
+    request, _ = _train_request(servers, rm_weights, reward_model)
+    at = client.metrics()["handler"]["trained_step"]
+    values = client.infer(servers["tokens"], servers["lengths"])["values"]
+    for wrong in (at + 2, at):
+        with pytest.raises(CriticRequestError) as refused:
+            client.train(request, f"seq-{wrong}", step=wrong)
+        assert refused.value.status == 409 and f"critic_step={at}" in str(refused.value)
+    assert client.metrics()["handler"]["trained_step"] == at
+    torch.testing.assert_close(client.infer(servers["tokens"], servers["lengths"])["values"], values, atol=0, rtol=0)
+    assert client.train(request, f"seq-{at + 1}", step=at + 1)["critic_step"] == at + 1
+    assert client.metrics()["handler"]["trained_step"] == at + 1
+
+
 def test_save_restart_resume_exactly_once(servers, rm_weights, reward_model):
     """Save at the PPO step the state has reached (another label is refused with 409 and writes
     nothing), apply one more request, SIGTERM (exit 0), restart from the checkpoint: the state

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import pytest
 import requests
 import safetensors.torch
 import torch
@@ -373,3 +374,45 @@ def test_duplicate_of_a_long_running_request_gets_503_after_inflight_wait():
         later = post(url, "/v1/train", train_body(), {"Idempotency-Key": "long"})
         assert later.headers["Idempotent-Replay"] == "true"
         assert len(handler.train_calls) == 1
+
+
+class SequencedCritic(FakeCritic):
+    """Applies train step N only on a state at N-1; refuses other steps with 409 (as the critic)."""
+
+    def __init__(self):
+        super().__init__()
+        self.at = 0
+
+    def train(self, tensors, step=None):
+        from aligner.serving.protocol import ProtocolError
+
+        if step is not None and step != self.at + 1:
+            raise ProtocolError(409, f"state at step {self.at}, request for step {step}")
+        result = super().train(tensors)
+        self.at = step if step is not None else self.at + 1
+        return {**result, "step": float(self.at)}
+
+
+def test_handler_refusal_keeps_its_4xx_and_is_not_recorded():
+    handler = SequencedCritic()
+    with serving(handler) as url:
+        step2 = body_of(safetensors.torch.load(train_body()), {"step": "2"})
+        message = assert_json_error(post(url, "/v1/train", step2, {"Idempotency-Key": "s2"}), 409)
+        assert "state at step 0" in message and handler.train_calls == []
+        step1 = body_of(safetensors.torch.load(train_body()), {"step": "1"})
+        assert post(url, "/v1/train", step1, {"Idempotency-Key": "s1"}).status_code == 200
+        # the refused key was not recorded: once in order, the same key and body are applied
+        response = post(url, "/v1/train", step2, {"Idempotency-Key": "s2"})
+        assert response.status_code == 200 and "Idempotent-Replay" not in response.headers
+        assert handler.at == 2 and len(handler.train_calls) == 2
+        assert_infer_ok(url)
+
+
+@pytest.mark.parametrize("metadata,fragment", [({"step": "0"}, "'step'"), ({"step": "x"}, "'step'"),
+                                                ({"stp": "1"}, "'stp'")])
+def test_malformed_train_metadata_is_400_naming_the_key(metadata, fragment):
+    handler = SequencedCritic()
+    with serving(handler) as url:
+        body = body_of(safetensors.torch.load(train_body()), metadata)
+        message = assert_json_error(post(url, "/v1/train", body, {"Idempotency-Key": "bad-meta"}), 400)
+        assert fragment in message and handler.train_calls == []
