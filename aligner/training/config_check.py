@@ -2,8 +2,8 @@
 
 Hydra already refuses `key=value` for keys that do not exist; `+key=value` slips through, and
 neither catches `model.optim.lr=abc`. The YAML defaults double as the schema: each leaf's default
-value gives its type, and `null` defaults accept anything. A mapping whose default is `{}` is
-open (e.g. `exp_manager.wandb_logger_kwargs`).
+value gives its type, and `null` defaults accept anything. A mapping whose default is `{}`, or
+one listed in OPEN_MAPPINGS, is open: keys beyond its defaults are allowed.
 """
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+# Mappings handed on whole as keyword arguments to a library, so any key it takes is allowed
+# (their listed keys are still type-checked).
+OPEN_MAPPINGS = frozenset({"exp_manager.wandb_logger_kwargs"})  # -> Lightning's WandbLogger(**kwargs)
 
 
 class ConfigError(ValueError):
@@ -61,6 +66,8 @@ def _walk(value: Any, default: Any, path: str, problems: list[str]) -> None:
             if key == "hydra":
                 continue
             if key not in default:
+                if path in OPEN_MAPPINGS:
+                    continue
                 close = [k for k in default if k.lower().startswith(str(key).lower()[:3])]
                 hint = f"; did you mean {close}?" if close else ""
                 problems.append(f"{full}: unknown key{hint}")

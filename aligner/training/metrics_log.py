@@ -49,7 +49,8 @@ class MetricsLogger:
                 log.warning("TensorBoard logging disabled (%s); set exp_manager.create_tensorboard_logger=False", exc)
         if wandb:
             os.environ.setdefault("WANDB_MODE", "offline")
-            kwargs = dict(wandb_kwargs or {})
+            # null or empty (e.g. name=${NAME} with NAME unset in a shell script): WandbLogger's default
+            kwargs = {k: v for k, v in (wandb_kwargs or {}).items() if v is not None and v != ""}
             kwargs.setdefault("offline", True)
             kwargs.setdefault("save_dir", str(self.log_dir))
             self._loggers.append(pl_loggers.WandbLogger(**kwargs))

@@ -4,10 +4,9 @@
     torchrun --nproc_per_node 2 examples/nlp/gpt/serve_ppo_critic.py trainer.ppo.ready_file=results/critic/ready
 Stop it with SIGTERM or Ctrl-C (rank 0 stops the other ranks; every rank exits 0).
 """
-from aligner.trainers import critic
 from aligner.training.entry import hydra_entry
 
-main = hydra_entry("gpt_ppo_critic", critic.serve)
+main = hydra_entry("gpt_ppo_critic", "aligner.trainers.critic:serve")
 
 if __name__ == "__main__":
     main()
