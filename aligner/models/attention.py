@@ -2,7 +2,8 @@
 
 megatron's local DotProductAttention materialises the [b, heads, s, s] score matrix, repeats
 K/V for grouped-query attention and runs an unfused softmax. Without TransformerEngine (CPU,
-or GPUs without TE) SDPA is markedly faster and uses less memory, with the same maths.
+or GPUs without TE) SDPA is markedly faster and uses less memory, with the same maths,
+including megatron's sliding window (`TransformerConfig.window_size`, Mistral's `sliding_window`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class SDPAttention(DotProductAttention):
             keys = torch.arange(sk, device=q.device)
             queries = torch.arange(sq, device=q.device) + offset
             mask = keys.unsqueeze(0) <= queries.unsqueeze(1)
+        if self.config.window_size is not None:
+            mask, causal = self._window(mask, sq, sk, q.device), False
         dropout = self.attention_dropout.p if self.training else 0.0
         gqa = heads != k.shape[1]
         if dropout > 0:
@@ -51,6 +54,18 @@ class SDPAttention(DotProductAttention):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                      scale=self.softmax_scale, enable_gqa=gqa)
         return context.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)
+
+    def _window(self, mask, sq: int, sk: int, device):
+        """`mask` (True = may attend) narrowed to megatron's `window_size` (left, right) band.
+
+        The sq queries are the last sq of the sk key slots (a KV cache holds the earlier ones);
+        query slot i sees key slots i-left..i+right, as megatron's `get_sliding_window_causal_mask`.
+        """
+        left, right = self.config.window_size
+        queries = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+        keys = torch.arange(sk, device=device).unsqueeze(0)
+        band = (keys >= queries - left) & (keys <= queries + right)
+        return band if mask is None else mask & band
 
 
 class CachedRotarySelfAttention(SelfAttention):

@@ -20,8 +20,11 @@ def layer_spec(config: ModelConfig, use_transformer_engine: bool | None = None):
         use_transformer_engine = transformer_engine_usable()
     if use_transformer_engine:
         require("transformer_engine", "model.transformer_engine")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm" if config.is_llama else "LayerNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_experts, qk_layernorm=config.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=config.num_experts, qk_layernorm=config.qk_layernorm,
+        normalization="RMSNorm" if config.is_llama else "LayerNorm")
     from aligner.models.attention import CachedRotarySelfAttention, SDPAttention
 
     if config.is_llama:  # RoPE models: rotate keys once, before they enter the KV cache
@@ -70,7 +73,15 @@ def build_gpt(
     from megatron.core.models.gpt import GPTModel
 
     config.validate(tensor_parallel)
-    tconfig = to_transformer_config(config, dtype, tensor_parallel, pipeline_parallel)
+    # Expert parallelism is a layout of the process groups (model.expert_model_parallel_size, set
+    # where the groups are made); the model follows whatever megatron was initialised with.
+    expert_parallel = parallel_state.get_expert_model_parallel_world_size() if config.num_experts else 1
+    if config.num_experts and config.num_experts % expert_parallel:
+        raise ValueError(f"num_experts={config.num_experts} is not divisible by "
+                         f"model.expert_model_parallel_size={expert_parallel}")
+    if config.num_experts:
+        _megatron_moe_without_te()
+    tconfig = to_transformer_config(config, dtype, tensor_parallel, pipeline_parallel, expert_parallel)
     post_process = parallel_state.is_pipeline_last_stage()
     model = GPTModel(
         config=tconfig,
@@ -83,10 +94,42 @@ def build_gpt(
         share_embeddings_and_output_weights=config.tie_word_embeddings and not scalar_head,
         position_embedding_type="rope" if config.is_llama else "learned_absolute",
         rotary_base=config.rope_theta,
+        rope_scaling=config.rope_scaling == "llama3",
+        rope_scaling_factor=config.rope_scaling_factor,
     )
+    if config.rope_scaling == "llama3":
+        _llama3_frequencies(model.rotary_pos_emb, config)
     if scalar_head and post_process:
         model.output_layer = ScalarHead(config.hidden_size, torch.float32)
     return model.to(dtype)
+
+
+def _megatron_moe_without_te() -> None:
+    """megatron-core 0.16.1's router GEMM tests `te_general_gemm is not None`, a name that
+    moe_utils only defines when TransformerEngine imports: without TE (CPU, or GPUs without it)
+    every MoE forward raises NameError. Defining it as None selects the plain torch matmul that
+    the same function already has for that case."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _llama3_frequencies(rotary, config: ModelConfig) -> None:
+    """Llama 3.x RoPE frequencies with all four of the checkpoint's scaling numbers.
+
+    megatron-core 0.16's RotaryEmbedding passes only `factor` to its `_apply_scaling` and keeps
+    low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192 (Llama 3.1's
+    values). Llama 3.2 and fine-tunes may use others, so the frequencies are derived again from
+    the unscaled ones with megatron's own `_apply_scaling` (the same formula as transformers'
+    `_compute_llama3_parameters`), given every number.
+    """
+    dim = config.head_dim
+    unscaled = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rotary.inv_freq = rotary._apply_scaling(
+        unscaled.to(rotary.inv_freq.device), factor=config.rope_scaling_factor,
+        low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
+        original_max_position_embeddings=config.rope_original_max_position_embeddings)
 
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:

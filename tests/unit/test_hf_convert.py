@@ -31,8 +31,29 @@ CASES = {
     "mistral": ("mistral", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, sliding_window=None, rms_norm_eps=1e-5)),
     "gpt2": ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, layer_norm_epsilon=1e-5)),
+    # The families of tests/unit/test_hf_families.py. Each has what its sensitivity check needs to
+    # bind within 16 tokens: llama3 scaling with original_max_position_embeddings=32 (and not
+    # megatron's hard-coded 8192) moves the mid/low frequencies; a window of 8 < 16 tokens.
+    "llama3": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, rms_norm_eps=1e-5,
+                             rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                                                  low_freq_factor=1.0, high_freq_factor=4.0,
+                                                  original_max_position_embeddings=32))),
+    "qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, rms_norm_eps=1e-6)),
+    "qwen2_tied": ("qwen2", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6)),
+    "mistral_window": ("mistral", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                       rms_norm_eps=1e-5)),
+    "mixtral": ("mixtral", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                rms_norm_eps=1e-5)),
 }
-PARITY_CASES = ["llama_mha", "llama_gqa", "llama_tied", "llama_theta500k", "mistral", "gpt2"]
+FAMILY_CASES = ["llama3", "qwen2", "qwen2_tied", "qwen3", "mistral_window", "mixtral"]
+PARITY_CASES = ["llama_mha", "llama_gqa", "llama_tied", "llama_theta500k", "mistral", "gpt2"] + FAMILY_CASES
 TOL = 1e-4
 
 
@@ -41,13 +62,15 @@ def hf_config(case: str, **overrides):
 
     family, kwargs = CASES[case]
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "gpt2": transformers.GPT2Config}[family]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "mixtral": transformers.MixtralConfig, "gpt2": transformers.GPT2Config}[family]
     extra = {} if family == "gpt2" else {"max_position_embeddings": 64}
     return cls(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **extra, **{**kwargs, **overrides})
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """O(1)-scale weights: matrices ~N(0, 1/fan), 1-D norm weights ~1+N(0, .3), biases ~N(0, .3)."""
+    """O(1)-scale weights: matrices ~N(0, 1/fan), 1-D norm weights ~1+N(0, .3), biases ~N(0, .3).
+    Stacked expert weights [experts, out, in] (transformers 5's MoE modules) ~N(0, 1/in)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -56,6 +79,8 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(noise * 0.3 + (1.0 if name.endswith("weight") else 0.0))
             elif "wte" in name or "embed" in name or "wpe" in name:
                 p.copy_(noise)
+            elif p.dim() == 3:
+                p.copy_(noise / math.sqrt(p.shape[-1]))
             else:
                 p.copy_(noise / math.sqrt(min(p.shape)))
 

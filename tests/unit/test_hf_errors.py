@@ -54,14 +54,15 @@ def test_config_without_weights(tmp_path):
 
 
 @pytest.mark.parametrize("changes, found, supported", [
-    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2"), "'Qwen2ForCausalLM'", "LlamaForCausalLM"),
+    (dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2"), "'Gemma2ForCausalLM'", "Qwen3ForCausalLM"),
     (dict(architectures=["T5ForConditionalGeneration"], model_type="t5"), "'T5ForConditionalGeneration'",
      "GPT2LMHeadModel"),
     (dict(attention_bias=True), '"attention_bias": True', "False"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "'llama3'", "'default'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}), "'yarn'", "'llama3'"),
     (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "'linear'", "'default'"),
     (dict(hidden_act="gelu"), '"hidden_act": \'gelu\'', "'silu'"),
-    (dict(head_dim=16), '"head_dim": 16', "head_dim = hidden_size / num_attention_heads"),
+    (dict(mlp_bias=True), '"mlp_bias": True', "False"),
+    (dict(model_type="qwen2"), "model_type='qwen2'", "LlamaForCausalLM"),
 ])
 def test_unsupported_llama_options(tmp_path, changes, found, supported):
     from aligner.models.hf import convert
@@ -74,12 +75,20 @@ def test_unsupported_llama_options(tmp_path, changes, found, supported):
     assert found in message and supported in message and "config.json" in message, message
 
 
-def test_sliding_window_mistral_refused(tmp_path):
+def test_sliding_window_mistral_imported(tmp_path):
+    """Formerly refused; now implemented exactly (tests/unit/test_hf_families.py checks the logits)."""
+    from aligner.models.hf import convert
+
+    path = save_hf_case(tmp_path, "mistral", sliding_window=16)
+    assert convert.model_config_from_hf(path).sliding_window == 16
+
+
+def test_mixtral_top1_refused(tmp_path):
     from aligner.models.hf import convert
     from aligner.models.hf.errors import HFFormatError
 
-    path = save_hf_case(tmp_path, "mistral", sliding_window=16)
-    with pytest.raises(HFFormatError, match=r"\"sliding_window\": 16 < max_position_embeddings 64"):
+    path = edit_config(save_hf_case(tmp_path, "mixtral"), num_experts_per_tok=1)
+    with pytest.raises(HFFormatError, match=r"\"num_experts_per_tok\": 1 is not supported.*supported: 2 or more"):
         convert.model_config_from_hf(path)
 
 

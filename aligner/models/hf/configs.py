@@ -1,8 +1,17 @@
 """Hugging Face config.json <-> ModelConfig.
 
 Only options our megatron model reproduces exactly are accepted; anything else (biases on a
-Llama, RoPE scaling, sliding-window attention, another activation) is refused with a message
-naming the key, so a checkpoint is never imported into a model that computes something else.
+Llama, YaRN or linear RoPE scaling, a sliding window on some layers only, another activation)
+is refused with a message naming the key, so a checkpoint is never imported into a model that
+computes something else.
+
+Families and what each adds to plain Llama (all map onto arch="llama"):
+  llama    llama3 RoPE scaling; head_dim may differ from hidden/heads
+  mistral  a sliding attention window on every layer
+  qwen2    biases on q/k/v (not on o_proj)
+  qwen3    RMSNorm over each q and k head (q_norm/k_norm); head_dim defaults to 128
+  mixtral  every MLP is a top-k routed mixture of SwiGLU experts; optional sliding window
+Export picks the transformers class from those features (see `export_family`).
 """
 from __future__ import annotations
 
@@ -24,10 +33,18 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForSequenceClassification": ("llama", "score"),
     "MistralForCausalLM": ("llama", "lm"),
     "MistralForSequenceClassification": ("llama", "score"),
+    "Qwen2ForCausalLM": ("llama", "lm"),
+    "Qwen2ForSequenceClassification": ("llama", "score"),
+    "Qwen3ForCausalLM": ("llama", "lm"),
+    "Qwen3ForSequenceClassification": ("llama", "score"),
+    "MixtralForCausalLM": ("llama", "lm"),
+    "MixtralForSequenceClassification": ("llama", "score"),
     "GPT2LMHeadModel": ("gpt2", "lm"),
     "GPT2ForSequenceClassification": ("gpt2", "score"),
 }
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "gpt2": "gpt2"}
+# architecture-name prefix -> transformers family (= its model_type)
+_PREFIXES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3", "Mixtral": "mixtral",
+             "GPT2": "gpt2"}
 _GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation
 
 
@@ -37,10 +54,22 @@ class HFSource:
 
     path: Path
     architecture: str
-    family: str  # "llama" | "gpt2"
+    family: str  # our arch: "llama" | "gpt2"
     head: str  # "lm" | "score"
     model_config: ModelConfig
     raw: dict
+
+    @property
+    def hf_family(self) -> str:
+        """The transformers model family: llama | mistral | qwen2 | qwen3 | mixtral | gpt2."""
+        return hf_family_of(self.architecture)
+
+
+def hf_family_of(architecture: str) -> str:
+    for prefix, family in _PREFIXES.items():
+        if architecture.startswith(prefix):
+            return family
+    raise KeyError(architecture)
 
 
 def read_config_json(path: str | Path) -> dict:
@@ -60,7 +89,8 @@ def describe(path: str | Path) -> HFSource:
     where = f"{Path(path) / 'config.json'}"
     architecture = _architecture(raw, where)
     family, head = ARCHITECTURES[architecture]
-    config = _llama_config(raw, where) if family == "llama" else _gpt2_config(raw, where)
+    hf_family = hf_family_of(architecture)
+    config = _llama_config(raw, where, hf_family) if family == "llama" else _gpt2_config(raw, where)
     try:
         config.validate(key_prefix=where)
     except ValueError as exc:
@@ -76,7 +106,8 @@ def _architecture(raw: dict, where: str) -> str:
         raise HFFormatError(f"{where}: \"architectures\" lists several models {names}; expected one of: {supported}")
     if not names:
         # Older exports omit "architectures": a known model_type means the plain causal LM.
-        fallback = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "gpt2": "GPT2LMHeadModel"}
+        fallback = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel"}
         if model_type in fallback:
             return fallback[model_type]
         raise HFFormatError(f"{where}: no \"architectures\" and model_type={model_type!r}; supported: {supported}")
@@ -84,7 +115,7 @@ def _architecture(raw: dict, where: str) -> str:
     if name not in ARCHITECTURES:
         raise HFFormatError(f"{where}: architecture {name!r} (model_type={model_type!r}) is not supported; "
                             f"supported: {supported}")
-    if model_type is not None and _MODEL_TYPES.get(model_type) != ARCHITECTURES[name][0]:
+    if model_type is not None and model_type != hf_family_of(name):
         raise HFFormatError(f"{where}: model_type={model_type!r} does not match architecture {name!r}")
     return name
 
@@ -96,51 +127,121 @@ def _require(raw: dict, where: str, key: str, allowed: tuple, default: Any, why:
                             + " or ".join(repr(a) for a in allowed))
 
 
-def _rope_theta(raw: dict, where: str) -> float:
-    """RoPE base from either transformers-5 `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
+
+
+def _rope(raw: dict, where: str) -> dict:
+    """RoPE base and scaling from transformers-5 `rope_parameters` or the older `rope_theta`/`rope_scaling`.
+
+    Returns ModelConfig fields: rope_theta, and for rope_type 'llama3' the four scaling numbers.
+    """
     params = raw.get("rope_parameters")
     scaling = raw.get("rope_scaling")
+    chosen, chosen_key = None, None
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if value is None:
             continue
         if not isinstance(value, dict):
             raise HFFormatError(f"{where}: \"{key}\" must be an object, found {value!r}")
+        if any(isinstance(v, dict) for v in value.values()):
+            raise HFFormatError(f"{where}: \"{key}\" gives RoPE per layer type ({sorted(value)}); only one RoPE "
+                                "for all layers is supported")
         kind = value.get("rope_type", value.get("type", "default"))
-        if kind != "default":
-            raise HFFormatError(f"{where}: \"{key}\" has rope_type={kind!r} (RoPE scaling); only plain RoPE "
-                                "(rope_type 'default', no rope_scaling) is supported")
-    theta = (params or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
-    return float(theta)
+        if kind not in ("default", "llama3"):
+            raise HFFormatError(f"{where}: \"{key}\" has rope_type={kind!r} (RoPE scaling); supported: plain RoPE "
+                                "(rope_type 'default', no rope_scaling) or 'llama3'")
+        partial = value.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise HFFormatError(f"{where}: \"partial_rotary_factor\": {partial!r} is not supported (RoPE on part of "
+                                "each head); supported: 1.0")
+        if kind == "llama3" and chosen is None:  # transformers prefers rope_parameters when both are set
+            chosen, chosen_key = value, key
+    fields = {"rope_theta": float((params or {}).get("rope_theta", raw.get("rope_theta", 10000.0)))}
+    if chosen is None:
+        return fields
+    missing = [k for k in _LLAMA3_KEYS if chosen.get(k) is None]
+    if missing:
+        raise HFFormatError(f"{where}: \"{chosen_key}\" with rope_type 'llama3' lacks {missing}")
+    # transformers: a top-level original_max_position_embeddings wins over the one in the RoPE dict,
+    # and max_position_embeddings stands in when neither is given
+    original = raw.get("original_max_position_embeddings",
+                       chosen.get("original_max_position_embeddings", raw.get("max_position_embeddings", 2048)))
+    fields.update(rope_scaling="llama3", rope_scaling_factor=float(chosen["factor"]),
+                  rope_low_freq_factor=float(chosen["low_freq_factor"]),
+                  rope_high_freq_factor=float(chosen["high_freq_factor"]),
+                  rope_original_max_position_embeddings=int(original))
+    return fields
 
 
-def _llama_config(raw: dict, where: str) -> ModelConfig:
+def _sliding_window(raw: dict, where: str, hf_family: str, layers: int, max_positions: int) -> int | None:
+    """The attention window every layer uses, or None for full causal attention.
+
+    Mistral/Mixtral: `sliding_window` applies to every layer. Qwen2/Qwen3: only when
+    `use_sliding_window`, and only on the layers `layer_types` (or `max_window_layers`) marks.
+    A window on some layers only is accepted when it cannot bind (window >= max_position_embeddings).
+    """
+    window = raw.get("sliding_window")
+    if hf_family in ("llama",):
+        return None  # Llama has no sliding window; the key, if present, is unused by transformers
+    if hf_family in ("mistral", "mixtral"):
+        return None if window is None else int(window)
+    if not raw.get("use_sliding_window", False) or window is None:
+        return None
+    types = raw.get("layer_types") or ["sliding_attention" if i >= int(raw.get("max_window_layers", 28))
+                                       else "full_attention" for i in range(layers)]
+    sliding = [t == "sliding_attention" for t in types]
+    if not any(sliding):
+        return None
+    if all(sliding):
+        return int(window)
+    if int(window) >= max_positions:
+        return None
+    key = "layer_types" if raw.get("layer_types") else "max_window_layers"
+    raise HFFormatError(f"{where}: \"{key}\": a sliding window ({window}) on {sum(sliding)} of {layers} layers "
+                        f"and full attention on the others is not supported (window < max_position_embeddings "
+                        f"{max_positions}); supported: the window on every layer or on none")
+
+
+def _llama_config(raw: dict, where: str, hf_family: str) -> ModelConfig:
     _require(raw, where, "hidden_act", ("silu",), "silu", "the MLP is SwiGLU")
-    _require(raw, where, "attention_bias", (False,), False, "Llama attention has no biases here")
-    _require(raw, where, "mlp_bias", (False,), False, "Llama MLP has no biases here")
+    if hf_family in ("llama", "qwen3"):  # their attention_bias also adds a bias to o_proj
+        _require(raw, where, "attention_bias", (False,), False, f"{hf_family} attention without biases")
+    if hf_family == "llama":
+        _require(raw, where, "mlp_bias", (False,), False, "Llama MLP has no biases here")
     heads = int(raw["num_attention_heads"])
     hidden = int(raw["hidden_size"])
-    head_dim = raw.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        raise HFFormatError(f"{where}: \"head_dim\": {head_dim} x num_attention_heads {heads} != hidden_size "
-                            f"{hidden}; only head_dim = hidden_size / num_attention_heads is supported")
-    window = raw.get("sliding_window")
+    layers = int(raw["num_hidden_layers"])
+    head_dim = raw.get("head_dim", 128 if hf_family == "qwen3" else None)
+    if head_dim is not None and int(head_dim) * heads == hidden:
+        head_dim = None  # the default; keeps the config identical to one without the key
     max_positions = int(raw.get("max_position_embeddings", 2048))
-    if window is not None and window < max_positions:
-        raise HFFormatError(f"{where}: \"sliding_window\": {window} < max_position_embeddings {max_positions}; "
-                            "only full causal attention (sliding_window null) is supported")
     kv_heads = int(raw.get("num_key_value_heads") or heads)
+    moe = {}
+    if hf_family == "mixtral":
+        _require(raw, where, "router_jitter_noise", (0, 0.0), 0.0, "training-time router noise is not reproduced")
+        moe = dict(num_experts=int(raw.get("num_local_experts", 8)),
+                   moe_router_topk=int(raw.get("num_experts_per_tok", 2)))
+        if moe["moe_router_topk"] < 2:  # see ModelConfig.validate
+            raise HFFormatError(f"{where}: \"num_experts_per_tok\": {moe['moe_router_topk']} is not supported "
+                                "(megatron-core routes top-1 by probability, Mixtral gives the expert weight 1); "
+                                "supported: 2 or more")
     return ModelConfig(
         arch="llama",
         vocab_size=int(raw["vocab_size"]),
         hidden_size=hidden,
         ffn_hidden_size=int(raw["intermediate_size"]),
-        num_layers=int(raw["num_hidden_layers"]),
+        num_layers=layers,
         num_attention_heads=heads,
         num_query_groups=None if kv_heads == heads else kv_heads,
         max_position_embeddings=max_positions,
-        rope_theta=_rope_theta(raw, where),
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        kv_channels=None if head_dim is None else int(head_dim),
+        add_qkv_bias=hf_family == "qwen2",
+        qk_layernorm=hf_family == "qwen3",
+        sliding_window=_sliding_window(raw, where, hf_family, layers, max_positions),
+        **_rope(raw, where),
+        **moe,
     )
 
 
@@ -163,37 +264,88 @@ def _gpt2_config(raw: dict, where: str) -> ModelConfig:
     )
 
 
+# ----------------------------------------------------------------------------------------- export
+
+
+def export_family(config: ModelConfig) -> str:
+    """The transformers family that computes exactly what `config` does.
+
+    mixtral: experts; qwen3: q/k norm; qwen2: q/k/v biases; mistral: a sliding window;
+    llama otherwise (llama3 RoPE scaling and any head_dim fit all of them).
+    """
+    if not config.is_llama:
+        return "gpt2"
+    features = [name for name, on in (("mixtral", config.num_experts is not None), ("qwen3", config.qk_layernorm),
+                                      ("qwen2", config.add_qkv_bias)) if on]
+    if len(features) > 1:
+        raise ValueError(f"save_hf: no transformers model has all of {features} (experts / q-k norm / q-k-v "
+                         "biases); this model cannot be exported")
+    if features:
+        return features[0]
+    return "mistral" if config.sliding_window is not None else "llama"
+
+
+def _rope_parameters(config: ModelConfig) -> dict:
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=config.rope_scaling_factor,
+                    low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
+                    original_max_position_embeddings=config.rope_original_max_position_embeddings)
+    return rope
+
+
+def _llama_family_config(config: ModelConfig, family: str, tokens: dict):
+    import transformers
+
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters=_rope_parameters(config),
+        tie_word_embeddings=config.tie_word_embeddings,
+        attention_dropout=config.attention_dropout,
+        **tokens,
+    )
+    window = config.sliding_window
+    if family == "llama":
+        return transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+    if family == "mistral":
+        return transformers.MistralConfig(sliding_window=window, **common)
+    if family == "mixtral":
+        return transformers.MixtralConfig(sliding_window=window, num_local_experts=config.num_experts,
+                                          num_experts_per_tok=config.moe_router_topk, router_jitter_noise=0.0,
+                                          **common)
+    # Qwen: a window on every layer is use_sliding_window with max_window_layers=0
+    qwen_window = dict(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0,
+                       layer_types=["sliding_attention" if window is not None else "full_attention"] * config.num_layers)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**qwen_window, **common)
+    return transformers.Qwen3Config(attention_bias=False, **qwen_window, **common)
+
+
 def export_config(config: ModelConfig, dtype: torch.dtype, scalar_head: bool, special_tokens: dict,
                   extra: dict | None = None):
-    """A transformers LlamaConfig / GPT2Config describing the same model (for `save_pretrained`).
+    """A transformers config (Llama/Mistral/Qwen2/Qwen3/Mixtral/GPT2Config) describing the same model.
 
     special_tokens: {"bos_token_id", "eos_token_id", "pad_token_id"} (values may be None).
     """
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config
 
     # Unknown ids are written as null rather than left at transformers' defaults (Llama's 1/2,
     # GPT-2's 50256), which would describe some other tokenizer.
     tokens = {key: special_tokens.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    family = export_family(config)
     if config.is_llama:
-        hf = LlamaConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.ffn_hidden_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.kv_heads,
-            head_dim=config.head_dim,
-            hidden_act="silu",
-            max_position_embeddings=config.max_position_embeddings,
-            rms_norm_eps=config.norm_eps,
-            rope_theta=config.rope_theta,
-            tie_word_embeddings=config.tie_word_embeddings,
-            attention_bias=False,
-            mlp_bias=False,
-            attention_dropout=config.attention_dropout,
-            **tokens,
-        )
-        name = "LlamaForSequenceClassification" if scalar_head else "LlamaForCausalLM"
+        hf = _llama_family_config(config, family, tokens)
+        stem = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral"}[family]
+        name = f"{stem}ForSequenceClassification" if scalar_head else f"{stem}ForCausalLM"
     else:
         hf = GPT2Config(
             vocab_size=config.vocab_size,

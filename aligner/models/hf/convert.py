@@ -32,6 +32,7 @@ __all__ = ["HFFormatError", "model_config_from_hf", "load_hf_weights", "save_hf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 # TransformerEngine's layer spec fuses each pre-norm into the following linear layer; the local
 # spec (what layout.py names) keeps them as separate modules. Same tensors, other names.
 _TE_FUSED_NORMS = {
@@ -112,18 +113,41 @@ def _layer_offset(model) -> int:
     return get_transformer_layer_offset(model.config)
 
 
-def _global_name(local_name: str, offset: int) -> str:
-    """Local pipeline-stage name -> local-spec name with the layer numbered across the whole model."""
+def _global_name(local_name: str, offset: int, expert_offset: int = 0) -> str:
+    """Local name -> local-spec name with layers (pipeline stages) and experts (expert-parallel
+    ranks) numbered across the whole model."""
     for fused, plain in _TE_FUSED_NORMS.items():
         if local_name.endswith(fused):
             local_name = local_name[: -len(fused)] + plain
+    if expert_offset:
+        local_name = _EXPERT.sub(lambda m: f".mlp.experts.local_experts.{int(m.group(1)) + expert_offset}.",
+                                 local_name)
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local_name)
 
 
-def _tp_rank_world() -> tuple[int, int]:
+def _is_expert(local_name: str) -> bool:
+    return ".mlp.experts." in local_name
+
+
+def _tp_rank_world(expert: bool = False) -> tuple[int, int]:
+    """This rank's place in its tensor-parallel group; experts have their own (expert-TP) group."""
     from megatron.core import parallel_state
 
+    if expert:
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size())
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _expert_offset(gpt) -> int:
+    """Global number of this rank's first local expert (0 without MoE or expert parallelism)."""
+    from megatron.core import parallel_state
+
+    experts = gpt.config.num_moe_experts
+    if not experts:
+        return 0
+    world = parallel_state.get_expert_model_parallel_world_size()
+    return parallel_state.get_expert_model_parallel_rank() * (experts // world)
 
 
 def load_hf_weights(path: str | Path, model, model_config: ModelConfig, scalar_head: bool = False) -> None:
@@ -140,12 +164,12 @@ def load_hf_weights(path: str | Path, model, model_config: ModelConfig, scalar_h
     by_name = {m.megatron: m for m in maps}
 
     gpt = unwrap(model)
-    offset = _layer_offset(gpt)
-    tp_rank, tp_world = _tp_rank_world()
+    offset, expert_offset = _layer_offset(gpt), _expert_offset(gpt)
     loaded = 0
     with torch.no_grad():
         for local_name, param in gpt.named_parameters():
-            name = _global_name(local_name, offset)
+            name = _global_name(local_name, offset, expert_offset)
+            tp_rank, tp_world = _tp_rank_world(_is_expert(local_name))
             if name == "output_layer.weight" and scalar_head and source.head != "score":
                 continue  # fresh value head
             tmap = by_name.get(name)
@@ -159,7 +183,8 @@ def load_hf_weights(path: str | Path, model, model_config: ModelConfig, scalar_h
                                     f"{tp_rank}/{tp_world}, which holds {list(param.shape)}")
             param.copy_(piece)
             loaded += 1
-    log.info("loaded %d parameters from %s (layers offset %d, TP rank %d/%d)", loaded, path, offset, tp_rank, tp_world)
+    log.info("loaded %d parameters from %s (layers offset %d, experts offset %d, TP rank %d/%d)", loaded, path,
+             offset, expert_offset, *_tp_rank_world())
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -186,20 +211,31 @@ def _stage_maps(maps: list[layout.TensorMap], gpt, stage: int, stages: int) -> l
 
 
 def _gather_tensor_parallel(gpt) -> dict[str, torch.Tensor]:
-    """Full tensors of this stage, keyed by global megatron name (collective over the TP group)."""
+    """Full tensors of this stage, keyed by global megatron name (collective over the TP group,
+    and for MoE experts over the expert-TP and expert-parallel groups)."""
     from megatron.core import parallel_state
 
-    group = parallel_state.get_tensor_model_parallel_group()
-    world = parallel_state.get_tensor_model_parallel_world_size()
     offset = _layer_offset(gpt)
+    experts = gpt.config.num_moe_experts
+    ep_world = parallel_state.get_expert_model_parallel_world_size() if experts else 1
     full = {}
     for local_name, param in gpt.named_parameters():
+        expert = _is_expert(local_name)
+        group = (parallel_state.get_expert_tensor_parallel_group() if expert
+                 else parallel_state.get_tensor_model_parallel_group())
+        world = _tp_rank_world(expert)[1]
         part = tp_shards.partition_of(param)
         data = param.detach()
         if part is not None and world > 1:
             pieces = [torch.empty_like(data) for _ in range(world)]
             dist.all_gather(pieces, data.contiguous(), group=group)
             data = tp_shards.unshard(pieces, part)
+        if expert and ep_world > 1:  # every expert-parallel rank holds experts // ep_world others
+            pieces = [torch.empty_like(data) for _ in range(ep_world)]
+            dist.all_gather(pieces, data.contiguous(), group=parallel_state.get_expert_model_parallel_group())
+            for ep_rank, piece in enumerate(pieces):
+                full[_global_name(local_name, offset, ep_rank * (experts // ep_world))] = piece
+            continue
         full[_global_name(local_name, offset)] = data
     return full
 

@@ -10,6 +10,9 @@ and `MLP.forward`):
 Hugging Face layouts:
   Llama        separate q/k/v/o and gate/up/down nn.Linear weights ([out, in]); query head h
                reads KV head h // (heads / kv_heads), the same grouping as megatron's.
+               Mistral is the same; Qwen2 adds q/k/v biases (grouped like the weights), Qwen3
+               q_norm/k_norm [head_dim] (megatron's q_layernorm/k_layernorm), Mixtral replaces
+               the MLP by block_sparse_moe (router + experts, megatron's MoELayer).
   GPT-2        Conv1D weights stored transposed ([in, out]); c_attn packs [q | k | v] columns.
 """
 from __future__ import annotations
@@ -71,31 +74,64 @@ def _transposed(name: str, hf: str, shape: Shape, layer: int) -> TensorMap:
 
 def _llama_layer(c: ModelConfig, i: int, prefix: str) -> list[TensorMap]:
     m, h = f"decoder.layers.{i}.", f"{prefix}layers.{i}."
-    hidden, d, heads, groups, ffn = c.hidden_size, c.head_dim, c.num_attention_heads, c.kv_heads, c.ffn_hidden_size
-    qkv = TensorMap(
-        m + "self_attention.linear_qkv.weight",
-        (h + "self_attn.q_proj.weight", h + "self_attn.k_proj.weight", h + "self_attn.v_proj.weight"),
-        ((heads * d, hidden), (groups * d, hidden), (groups * d, hidden)),
-        lambda q, k, v: qkv_to_grouped(q, k, v, groups),
-        lambda t: grouped_to_qkv(t, heads, groups),
-        i,
-    )
-    fc1 = TensorMap(
-        m + "mlp.linear_fc1.weight",
-        (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
-        ((ffn, hidden), (ffn, hidden)),
-        lambda gate, up: torch.cat([gate, up], dim=0),
-        lambda t: t.chunk(2, dim=0),
-        i,
-    )
-    return [
+    hidden, d, heads, groups = c.hidden_size, c.head_dim, c.num_attention_heads, c.kv_heads
+    qkv_shapes = ((heads * d, hidden), (groups * d, hidden), (groups * d, hidden))
+    maps = [
         _same(m + "input_layernorm.weight", h + "input_layernorm.weight", (hidden,), i),
-        qkv,
+        _qkv(m + "self_attention.linear_qkv.weight", h, "weight", qkv_shapes, heads, groups, i),
+    ]
+    if c.add_qkv_bias:  # Qwen2
+        maps.append(_qkv(m + "self_attention.linear_qkv.bias", h, "bias", tuple(s[:1] for s in qkv_shapes),
+                         heads, groups, i))
+    if c.qk_layernorm:  # Qwen3: one [head_dim] RMSNorm weight shared by all q heads, one by all k heads
+        maps += [_same(m + "self_attention.q_layernorm.weight", h + "self_attn.q_norm.weight", (d,), i),
+                 _same(m + "self_attention.k_layernorm.weight", h + "self_attn.k_norm.weight", (d,), i)]
+    maps += [
         _same(m + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight", (hidden, heads * d), i),
         _same(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight", (hidden,), i),
-        fc1,
-        _same(m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight", (hidden, ffn), i),
     ]
+    if c.num_experts is None:
+        maps += [_swiglu(m + "mlp.linear_fc1.weight", h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight",
+                         c.ffn_hidden_size, hidden, i),
+                 _same(m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight", (hidden, c.ffn_hidden_size), i)]
+    else:
+        maps += _mixtral_moe(c, i, m, h)
+    return maps
+
+
+def _qkv(name: str, h: str, kind: str, shapes, heads: int, groups: int, layer: int) -> TensorMap:
+    """q_proj/k_proj/v_proj weights ([out, in]) or biases ([out]) <-> megatron's grouped linear_qkv."""
+    return TensorMap(
+        name,
+        tuple(f"{h}self_attn.{p}_proj.{kind}" for p in "qkv"),
+        shapes,
+        lambda q, k, v: qkv_to_grouped(q, k, v, groups),
+        lambda t: grouped_to_qkv(t, heads, groups),
+        layer,
+    )
+
+
+def _swiglu(name: str, gate: str, up: str, ffn: int, hidden: int, layer: int) -> TensorMap:
+    """Separate gate/up [ffn, hidden] <-> megatron's fc1 rows [gate; up]."""
+    return TensorMap(name, (gate, up), ((ffn, hidden), (ffn, hidden)),
+                     lambda g, u: torch.cat([g, u], dim=0), lambda t: t.chunk(2, dim=0), layer)
+
+
+def _mixtral_moe(c: ModelConfig, i: int, m: str, h: str) -> list[TensorMap]:
+    """Mixtral's block_sparse_moe: gate [experts, hidden]; expert e: w1 (gate), w3 (up), w2 (down).
+
+    megatron's MoELayer (local spec, SequentialMLP): router.weight [experts, hidden] and per
+    expert an ordinary SwiGLU MLP. Expert numbers here are global; on a rank of an
+    expert-parallel group the importer maps them onto that rank's local experts.
+    """
+    hidden, ffn = c.hidden_size, c.ffn_hidden_size
+    h = h + "block_sparse_moe."
+    maps = [_same(m + "mlp.router.weight", h + "gate.weight", (c.num_experts, hidden), i)]
+    for e in range(c.num_experts):
+        x, he = f"{m}mlp.experts.local_experts.{e}.", f"{h}experts.{e}."
+        maps += [_swiglu(x + "linear_fc1.weight", he + "w1.weight", he + "w3.weight", ffn, hidden, i),
+                 _same(x + "linear_fc2.weight", he + "w2.weight", (hidden, ffn), i)]
+    return maps
 
 
 def _gpt2_layer(c: ModelConfig, i: int, prefix: str) -> list[TensorMap]:
