@@ -488,6 +488,7 @@ def _write_nemo_comparisons(path: Path, pairs: int, offset: int = 0) -> None:
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
+@pytest.mark.slow  # two real runs: ~35 s of CPU
 def test_reward_model_reads_the_files_named_in_data_prefix(tmp_path):
     train, valid = tmp_path / "train_comparisons.jsonl", tmp_path / "test_comparisons.jsonl"
     _write_nemo_comparisons(train, 16)
