@@ -1,6 +1,9 @@
 """Start torch.distributed and megatron's parallel_state from the launcher's environment.
 
 gloo on CPU, NCCL on GPU; the same call serves torchrun, SLURM, mpirun and a bare `python`.
+Before any rendezvous (which would wait `timeout_minutes` for ranks that never come), the
+launch is checked: launcher variables (launch_env), GPUs given but CUDA missing, and the
+config's trainer.devices x trainer.num_nodes against the launcher's world size.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from aligner.compat import megatron_cpu
-from aligner.distributed.launch_env import LaunchEnv, detect_launch_env
+from aligner.distributed.launch_env import LaunchEnv, detect_launch_env, requested_gpus
 
 log = logging.getLogger("aligner.distributed")
 
@@ -48,10 +51,70 @@ def check_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
         )
     if world_size % (tp * pp) != 0:
         raise ParallelConfigError(
-            f"world size {world_size} (trainer.devices x trainer.num_nodes) is not divisible by "
+            f"world size {world_size} (the processes the launcher started) is not divisible by "
             f"model.tensor_model_parallel_size ({tp}) x model.pipeline_model_parallel_size ({pp})"
         )
     return world_size // (tp * pp)
+
+
+# trainer.devices values that mean "as many as the launcher started" (NeMo/Lightning spellings).
+_AUTO_DEVICES = (None, "auto", -1, "-1")
+ALLOW_CPU_ENV = "ALIGNER_ALLOW_CPU"
+
+
+def _as_count(value, key: str) -> int | None:
+    if value in _AUTO_DEVICES:
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise ParallelConfigError(f"{key}={value!r} must be an integer (or 'auto')") from None
+    if count < 1:
+        raise ParallelConfigError(f"{key}={value!r} must be >= 1 (or 'auto')")
+    return count
+
+
+def check_launch_layout(devices, num_nodes, launch: LaunchEnv) -> None:
+    """trainer.devices x trainer.num_nodes must be the world size the launcher started.
+
+    The processes are started by the launcher (torchrun, srun, mpirun), never by us, so the
+    config can only be checked against them, and only where it says something:
+    - a single process without a launcher (`python train.py trainer.devices=8`, as NeMo
+      tutorials write it) is not checked: nothing here would start the other 7; a warning says so;
+    - `auto`, -1 or null, and the YAML defaults devices=1 x num_nodes=1, mean "whatever the
+      launcher started", so `torchrun --nproc_per_node 2 train.py` needs no trainer.* overrides;
+    - any other integers must multiply to the launcher's world size (the SLURM scripts pass
+      trainer.devices=$SLURM_NTASKS_PER_NODE trainer.num_nodes=$SLURM_JOB_NUM_NODES).
+    """
+    per_node = _as_count(devices, "trainer.devices")
+    nodes = _as_count(num_nodes, "trainer.num_nodes")
+    if per_node is None or (per_node, nodes or 1) == (1, 1):
+        return
+    expected = per_node * (nodes or 1)
+    if launch.launcher == "single":
+        if expected != 1:
+            log.warning("trainer.devices=%s x trainer.num_nodes=%s asks for %d processes, but this is one process "
+                        "started without a launcher; start them with torchrun, srun or mpirun", devices,
+                        num_nodes, expected)
+        return
+    if expected != launch.world_size:
+        raise ParallelConfigError(
+            f"trainer.devices={per_node} x trainer.num_nodes={nodes or 1} = {expected} processes, but {launch.launcher} "
+            f"started a world size of {launch.world_size} ({launch.local_world_size} on this node). Make them agree "
+            f"(or leave trainer.devices=1 trainer.num_nodes=1 to take the launcher's layout)."
+        )
+
+
+def check_cuda_for_gpus(env, cuda_available: bool) -> None:
+    """GPUs given to this process but no usable CUDA: stop instead of silently training on CPU."""
+    given = requested_gpus(env)
+    if given is None or cuda_available or env.get(ALLOW_CPU_ENV, "") not in ("", "0"):
+        return
+    raise ParallelConfigError(
+        f"{given} gives this process GPUs, but torch.cuda.is_available() is False (torch {torch.__version__}, "
+        f"CUDA build {torch.version.cuda}). Install a CUDA build of torch / check the driver and container "
+        f"(--container-image, nvidia runtime), or set {ALLOW_CPU_ENV}=1 to run on CPU anyway."
+    )
 
 
 def initialize(
@@ -60,12 +123,22 @@ def initialize(
     seed: int = 1234,
     timeout_minutes: float = 30.0,
     env: dict | None = None,
+    devices=None,
+    num_nodes=None,
 ) -> ParallelLayout:
-    """Initialise the process group (if needed), megatron's model-parallel groups and RNG."""
-    from megatron.core import parallel_state
+    """Initialise the process group (if needed), megatron's model-parallel groups and RNG.
 
-    launch: LaunchEnv = detect_launch_env(os.environ if env is None else env)
+    `devices`, `num_nodes`: the config's trainer.devices / trainer.num_nodes, checked against the
+    launcher's world size before the rendezvous (see check_launch_layout); None skips the check.
+    """
+    env = os.environ if env is None else env
+    launch: LaunchEnv = detect_launch_env(env)
     use_cuda = torch.cuda.is_available()
+    check_cuda_for_gpus(env, use_cuda)
+    check_launch_layout(devices, num_nodes, launch)
+    if not dist.is_initialized():
+        check_parallel_sizes(launch.world_size, tensor_parallel, pipeline_parallel)
+    from megatron.core import parallel_state
     if not use_cuda:
         megatron_cpu.install()
     else:
