@@ -150,11 +150,12 @@ class CriticClient:
         """Like train, but returns a Future at once; the tensors may be reused immediately."""
         return self._pool.submit(self._train_call, *self._train_request(tensors, idempotency_key, step))
 
-    def save(self, step: int, path: str | None = None, idempotency_key: str | None = None) -> dict:
-        """Ask the server to checkpoint the critic; returns the server's description of it."""
+    def save(self, step: int, idempotency_key: str | None = None) -> dict:
+        """Ask the server to checkpoint the critic (always in its own checkpoint directory);
+        returns the server's description of it, e.g. {"path": ..., "step": ...}."""
         route = f"/{API_VERSION}/save"
         key = idempotency_key or f"save-{step}-{uuid.uuid4().hex}"
-        body = encode_tensors({}, save_request_metadata(step, path))
+        body = encode_tensors({}, save_request_metadata(step))
         response = self._request("POST", route, body, {IDEMPOTENCY_HEADER: key})
         _, metadata = self._decode(route, response)
         try:

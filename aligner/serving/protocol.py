@@ -8,8 +8,10 @@ Schemas are declarative: a tuple of :class:`TensorSpec` per endpoint. String dim
 symbolic size (``"B"`` batch, ``"S"`` sequence) that must agree across every tensor of one
 body; :func:`validate` returns the bound sizes. Structural problems (missing or unexpected
 field, wrong dtype, wrong shape) are 400; well-formed bodies with bad values (NaN, token id
-< 0, length outside 1..S, empty batch) are 422; oversize bodies are 413. Every message names
-the field so that whoever sees it in an actor log knows what to fix.
+< 0, length outside 1..S, empty batch) are 422; oversize bodies are 413. A server also bounds
+the work one request can ask for (:class:`SizeLimits`: sequence length 422, tokens per request
+413), checked from the shapes alone, before any value is read. Every message names the field so
+that whoever sees it in an actor log knows what to fix.
 
 Errors and the small JSON documents of /health, /ready and /v1/metrics are JSON; tensors are
 never JSON.
@@ -160,14 +162,51 @@ class TensorSpec:
         return f"{dtypes} {_shape_str(self.dims)}"
 
 
+@dataclass(frozen=True)
+class SizeLimits:
+    """How much work one request may ask for; None: unbounded.
+
+    max_sequence_length bounds S (the model's context: attention costs S^2, and positions beyond
+    the context mean nothing to the model); max_tokens_per_request bounds B x S (memory and time
+    grow with it). Both are server settings, named in the messages by these same names.
+    """
+
+    max_sequence_length: int | None = None
+    max_tokens_per_request: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_sequence_length", "max_tokens_per_request"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+
+    def check(self, bound: Mapping[str, int], bound_by: Mapping[str, str]) -> None:
+        """ProtocolError 422 (S too long) or 413 (B x S too many) naming the field and the limit."""
+        seq, batch = bound.get("S"), bound.get("B")
+        if seq is not None and self.max_sequence_length is not None and seq > self.max_sequence_length:
+            raise ProtocolError(
+                422,
+                f"field {bound_by['S']!r}: sequence length S={seq} exceeds this server's "
+                f"max_sequence_length={self.max_sequence_length} (the model's context unless configured)",
+            )
+        if seq is not None and batch is not None and self.max_tokens_per_request is not None:
+            if batch * seq > self.max_tokens_per_request:
+                raise ProtocolError(
+                    413,
+                    f"field {bound_by['S']!r}: B x S = {batch} x {seq} = {batch * seq} tokens exceeds this "
+                    f"server's max_tokens_per_request={self.max_tokens_per_request}; split the batch",
+                )
+
+
 def validate(
-    tensors: Mapping[str, torch.Tensor], specs: Sequence[TensorSpec]
+    tensors: Mapping[str, torch.Tensor], specs: Sequence[TensorSpec], limits: SizeLimits | None = None
 ) -> dict[str, int]:
     """Check ``tensors`` against ``specs``; return the symbolic sizes, e.g. {"B": 4, "S": 16}.
 
-    Raises ProtocolError 400 for missing/unexpected fields, wrong dtype or shape, and 422 for
-    bad values. Structure is checked for every field before any values, so value bounds that
-    name a dim (lengths <= S) work whatever order the fields come in.
+    Raises ProtocolError 400 for missing/unexpected fields, wrong dtype or shape, 422 for bad
+    values, and what ``limits`` raises for sizes beyond them. Structure and limits are checked for
+    every field before any values, so value bounds that name a dim (lengths <= S) work whatever
+    order the fields come in, and an oversized request costs no pass over its values.
     """
     known = {spec.name for spec in specs}
     unexpected = sorted(set(tensors) - known)
@@ -226,6 +265,8 @@ def validate(
             raise ProtocolError(
                 422, f"field {bound_by[dim]!r}: dimension {dim} is {size}; send at least one"
             )
+    if limits is not None:
+        limits.check(bound, bound_by)
 
     for spec in specs:
         tensor = tensors.get(spec.name)
@@ -288,17 +329,22 @@ INFER_RESPONSE: tuple[TensorSpec, ...] = (
     TensorSpec("values", (torch.float32,), 2, ("B", "S")),
     TensorSpec("rewards", (torch.float32,), 1, ("B",), required=False),
 )
+# Returns and values are bounded well inside float32's range: the squared errors of the value
+# loss must not overflow to inf, which would turn the critic's weights into NaN.
+MAX_ABS_RETURN = 1.0e6
 TRAIN_REQUEST: tuple[TensorSpec, ...] = (
     _TOKENS,
     _LENGTHS,
-    TensorSpec("returns", (torch.float32,), 2, ("B", "S")),
-    TensorSpec("prev_values", (torch.float32,), 2, ("B", "S")),
+    TensorSpec("returns", (torch.float32,), 2, ("B", "S"), min_value=-MAX_ABS_RETURN, max_value=MAX_ABS_RETURN),
+    TensorSpec("prev_values", (torch.float32,), 2, ("B", "S"), min_value=-MAX_ABS_RETURN,
+               max_value=MAX_ABS_RETURN),
     TensorSpec("mask", (torch.float32,), 2, ("B", "S"), min_value=0.0, max_value=1.0),
 )
 # Train and save responses carry no tensors: their results (metrics, checkpoint info) travel in
 # the metadata, one JSON value per key (see results_to_metadata).
 TRAIN_RESPONSE: tuple[TensorSpec, ...] = ()
-# Save requests carry no tensors: metadata "step" (decimal int >= 0) and optional "path".
+# Save requests carry no tensors: metadata "step" (decimal int >= 0) only. The server always
+# writes under its own checkpoint directory; where to save is never the client's choice.
 SAVE_REQUEST: tuple[TensorSpec, ...] = ()
 SAVE_RESPONSE: tuple[TensorSpec, ...] = ()
 
@@ -324,37 +370,43 @@ def parse_train_request(metadata: Mapping[str, str]) -> int | None:
     raw = metadata.get("step")
     if raw is None:
         return None
-    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
-        raise ProtocolError(400, f"metadata key 'step' must be a decimal int >= 1, got {raw!r}")
+    if not _is_decimal(raw) or int(raw) < 1:
+        raise ProtocolError(400, f"metadata key 'step' must be a decimal int >= 1, got {raw[:40]!r}")
     return int(raw)
 
 
-def save_request_metadata(step: int, path: str | None = None) -> dict[str, str]:
+def save_request_metadata(step: int) -> dict[str, str]:
     """Metadata of a /v1/save body."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"save step must be an int >= 0, got {step!r}")
-    meta = {"step": str(step)}
-    if path is not None:
-        meta["path"] = str(path)
-    return meta
+    return {"step": str(step)}
 
 
-def parse_save_request(metadata: Mapping[str, str]) -> tuple[int, str | None]:
-    """(step, path) from /v1/save metadata; ProtocolError 400 naming the key when malformed."""
-    unexpected = sorted(set(metadata) - {"step", "path"})
+def parse_save_request(metadata: Mapping[str, str]) -> int:
+    """The step of a /v1/save body; ProtocolError 400 naming the key when malformed.
+
+    A ``path`` key is refused: a checkpoint goes only to the server's own directory (a client
+    that chose the directory could make the server write, and prune, anywhere it can).
+    """
+    if "path" in metadata:
+        raise ProtocolError(400, "metadata key 'path' is not accepted: the server saves only under its own "
+                                 "checkpoint directory (exp_manager.explicit_log_dir/checkpoints); send 'step' only")
+    unexpected = sorted(set(metadata) - {"step"})
     if unexpected:
-        raise ProtocolError(
-            400, f"unexpected metadata key(s) {', '.join(map(repr, unexpected))}; accepted: step, path"
-        )
+        raise ProtocolError(400, f"unexpected metadata key(s) {', '.join(map(repr, unexpected))}; accepted: step")
     raw = metadata.get("step")
     if raw is None:
         raise ProtocolError(400, "missing metadata key 'step' (decimal int >= 0)")
-    if not raw.isascii() or not raw.isdigit():
-        raise ProtocolError(400, f"metadata key 'step' must be a decimal int >= 0, got {raw!r}")
-    path = metadata.get("path")
-    if path is not None and not path:
-        raise ProtocolError(400, "metadata key 'path' is empty; omit it to use the default")
-    return int(raw), path
+    if not _is_decimal(raw):
+        raise ProtocolError(400, f"metadata key 'step' must be a decimal int >= 0, got {raw[:40]!r}")
+    return int(raw)
+
+
+_MAX_STEP_DIGITS = 12  # a PPO step beyond 10^12 is a client bug, not a run
+
+
+def _is_decimal(raw: str) -> bool:
+    return raw.isascii() and raw.isdigit() and len(raw) <= _MAX_STEP_DIGITS
 
 
 def results_to_metadata(results: Mapping[str, Any]) -> dict[str, str]:

@@ -4,10 +4,19 @@ The PPO actor job calls this server over HTTP with safetensors bodies (see proto
 The model side plugs in through :class:`CriticHandler`; this module is only plumbing:
 
 * auth: optional bearer token (``hmac.compare_digest``), required on every route but /health;
+  binding beyond loopback without one is refused unless ``allow_unauthenticated``;
 * size: ``max_request_bytes`` enforced on Content-Length and on the bytes actually read (413);
+  ``max_sequence_length`` (422) and ``max_tokens_per_request`` (413) bound the work a request
+  asks for, checked from its shapes before the model is waited for;
+* the handler's own static checks (``check_request``: vocabulary, mode) also run before the
+  model gate, so a request that cannot succeed never queues behind a long one;
 * one model, one lock: infer/train/save run one at a time, in arrival (FIFO) order, because
   the model is shared and follower ranks must see commands in the same order. At most
   ``queue_limit`` requests wait; the next one gets 503 + ``Retry-After`` (back-pressure);
+* /health, /ready and /v1/metrics never wait for the model: at most ``queue_limit + 1`` requests
+  to the model routes (and never more than ``threads - 1``) are admitted at a time (running,
+  queued, reading, or waiting for a duplicate's result); the rest get 503 + ``Retry-After`` at
+  once, so a thread is always free for them;
 * idempotency: train and save require an ``Idempotency-Key`` header (idempotency.py);
 * errors are JSON ``{"error": ..., "status": N}`` on every path, never HTML; a failing handler
   gives 500 and the server keeps serving.
@@ -15,8 +24,8 @@ The model side plugs in through :class:`CriticHandler`; this module is only plum
 Routes (API v1): ``POST /v1/infer``, ``POST /v1/train``, ``POST /v1/save``, ``GET /health``
 (process is up), ``GET /ready`` (handler loaded), ``GET /v1/metrics`` (JSON counters).
 
-Every request that waits for the model holds one waitress thread, so ``threads`` must exceed
-``queue_limit + 1`` for /health and /ready to answer while the model is busy.
+Every admitted model request holds one waitress thread; with ``threads <= queue_limit + 1``
+fewer requests are admitted than ``queue_limit`` allows (a warning says so).
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from aligner.serving.protocol import (
     SAVE_REQUEST,
     TRAIN_REQUEST,
     ProtocolError,
+    SizeLimits,
     decode_tensors,
     encode_tensors,
     metrics_from_results,
@@ -77,7 +87,12 @@ class CriticHandler(Protocol):
             -> {"values": float [B, S], optional "rewards": float [B]} (sent as float32)
     train:  {"tokens", "lengths", "returns" [B, S], "prev_values" [B, S], "mask" [B, S]}
             (+ ``step=N`` keyword when the request is sequenced) -> metrics {name: float}
-    save:   (step, path or None) -> JSON-able dict, e.g. {"path": ..., "step": ...}
+    save:   (step) -> JSON-able dict, e.g. {"path": ..., "step": ...}; the handler chooses
+            where (its own checkpoint directory), never the client
+
+    Optional ``check_request(route, tensors)`` (route "infer" or "train") is called before the
+    request waits for the model, and may run concurrently with a call: static checks only
+    (vocabulary, mode), nothing that reads state a call changes.
 
     A handler refuses a request the client got wrong (or that conflicts with its state) by
     raising ProtocolError with a 4xx status; anything else it raises is answered 500.
@@ -87,7 +102,7 @@ class CriticHandler(Protocol):
 
     def train(self, tensors: dict[str, torch.Tensor], step: int | None = None) -> dict[str, float]: ...
 
-    def save(self, step: int, path: str | None) -> dict: ...
+    def save(self, step: int) -> dict: ...
 
     def is_ready(self) -> bool: ...
 
@@ -181,6 +196,27 @@ class _RequestStats:
             }
 
 
+class _Admission:
+    """A non-blocking counting semaphore: at most ``limit`` model requests inside at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.inside = 0
+
+    @contextmanager
+    def enter(self) -> Iterator[None]:
+        with self._lock:
+            if self.inside >= self.limit:
+                raise _Busy()
+            self.inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     token: str | None
@@ -189,6 +225,8 @@ class ServerSettings:
     retry_after_s: int
     idempotency_cache_size: int
     inflight_wait_s: float
+    limits: SizeLimits = SizeLimits()
+    allow_unauthenticated: bool = False
 
 
 class _CriticService:
@@ -198,6 +236,8 @@ class _CriticService:
         self.handler = handler
         self.settings = settings
         self.gate = _ModelGate(settings.queue_limit)
+        # running + queued: every thread beyond these stays free for /health, /ready, metrics
+        self.admission = _Admission(settings.queue_limit + 1)
         self.cache = IdempotencyCache(settings.idempotency_cache_size)
         self.stats = _RequestStats()
         self.started = time.time()
@@ -218,18 +258,35 @@ class _CriticService:
             logger.exception("handler.is_ready() raised; reporting not ready")
             return False
 
+    def busy_error(self) -> _HttpError:
+        return _HttpError(
+            503,
+            f"critic server busy: {self.settings.queue_limit} request(s) already queued "
+            "(server option queue_limit); retry later",
+            self.retry_after(),
+        )
+
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         try:
             with self.gate.slot():
                 yield
         except _Busy:
-            raise _HttpError(
-                503,
-                f"critic server busy: {self.settings.queue_limit} request(s) already queued "
-                "(server option queue_limit); retry later",
-                self.retry_after(),
-            ) from None
+            raise self.busy_error() from None
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        try:
+            with self.admission.enter():
+                yield
+        except _Busy:
+            raise self.busy_error() from None
+
+    def precheck(self, route: str, tensors: dict[str, torch.Tensor]) -> None:
+        """The handler's static checks, before the request waits for the model."""
+        check = getattr(self.handler, "check_request", None)
+        if check is not None:
+            self.call_handler("check_request", check, route, tensors)
 
     def call_handler(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -247,7 +304,8 @@ class _CriticService:
 
     def infer(self, body: bytes) -> RecordedResponse:
         tensors, _ = self.decode(body)
-        dims = validate(tensors, INFER_REQUEST)
+        dims = validate(tensors, INFER_REQUEST, self.settings.limits)
+        self.precheck("infer", tensors)
         with self.exclusive():
             out = self.call_handler("infer", self.handler.infer, tensors)
         out = _check_infer_output(out, dims)
@@ -255,8 +313,9 @@ class _CriticService:
 
     def train(self, body: bytes) -> RecordedResponse:
         tensors, metadata = self.decode(body)
-        validate(tensors, TRAIN_REQUEST)
+        validate(tensors, TRAIN_REQUEST, self.settings.limits)
         step = parse_train_request(metadata)
+        self.precheck("train", tensors)
         train = self.handler.train if step is None else functools.partial(self.handler.train, step=step)
         with self.exclusive():
             results = self.call_handler("train", train, tensors)
@@ -269,9 +328,9 @@ class _CriticService:
     def save(self, body: bytes) -> RecordedResponse:
         tensors, metadata = self.decode(body)
         validate(tensors, SAVE_REQUEST)
-        step, path = parse_save_request(metadata)
+        step = parse_save_request(metadata)
         with self.exclusive():
-            result = self.call_handler("save", self.handler.save, step, path)
+            result = self.call_handler("save", self.handler.save, step)
         try:
             meta = results_to_metadata(dict(result or {}))
         except (TypeError, ValueError) as exc:
@@ -316,7 +375,10 @@ class _CriticService:
             "uptime_s": time.time() - self.started,
             "ready": self.handler_ready(),
             **self.stats.snapshot(),
-            "queue": self.gate.stats(),
+            "queue": {**self.gate.stats(), "admitted": self.admission.inside},
+            "limits": {"max_request_bytes": self.settings.max_request_bytes,
+                       "max_sequence_length": self.settings.limits.max_sequence_length,
+                       "max_tokens_per_request": self.settings.limits.max_tokens_per_request},
             "idempotency": self.cache.stats(),
             "handler": handler_metrics,
         }
@@ -368,11 +430,16 @@ def create_app(
     retry_after_s: int = 1,
     idempotency_cache_size: int = 1024,
     inflight_wait_s: float = 30.0,
+    max_sequence_length: int | None = None,
+    max_tokens_per_request: int | None = None,
+    allow_unauthenticated: bool = False,
 ) -> flask.Flask:
     """Build the WSGI app around ``handler``. Serve it with :func:`serve` (or make_server).
 
     inflight_wait_s bounds how long a duplicate of an executing train/save waits for the
     first one before answering 503 (so abandoned retries cannot pin every server thread).
+    max_sequence_length / max_tokens_per_request: see protocol.SizeLimits (None: unbounded).
+    allow_unauthenticated: let make_server bind beyond loopback without a token.
     """
     if token is not None and not token:
         raise ValueError("token must be None (no auth) or a non-empty string")
@@ -385,6 +452,8 @@ def create_app(
         retry_after_s=retry_after_s,
         idempotency_cache_size=idempotency_cache_size,
         inflight_wait_s=inflight_wait_s,
+        limits=SizeLimits(max_sequence_length, max_tokens_per_request),
+        allow_unauthenticated=bool(allow_unauthenticated),
     )
     service = _CriticService(handler, settings)
     app = flask.Flask("aligner.serving")
@@ -448,9 +517,10 @@ def create_app(
 
     @app.post(f"/{API_VERSION}/infer")
     def infer():
-        service.require_ready()
-        body = _read_body(settings.max_request_bytes)
-        return _flask_response(_as_record(service.infer, body))
+        with service.admitted():
+            service.require_ready()
+            body = _read_body(settings.max_request_bytes)
+            return _flask_response(_as_record(service.infer, body))
 
     @app.post(f"/{API_VERSION}/train")
     def train():
@@ -477,9 +547,10 @@ def _idempotent_route(
         raise _HttpError(
             400, f"{IDEMPOTENCY_HEADER} must be 1-200 printable ASCII characters without spaces"
         )
-    service.require_ready()
-    body = _read_body(service.settings.max_request_bytes)
-    response, replayed = service.idempotent(scope, key, body, run)
+    with service.admitted():
+        service.require_ready()
+        body = _read_body(service.settings.max_request_bytes)
+        response, replayed = service.idempotent(scope, key, body, run)
     return _flask_response(response, replayed=replayed)
 
 
@@ -535,24 +606,43 @@ def _flask_response(record: RecordedResponse, replayed: bool = False) -> flask.R
 # --------------------------------------------------------------------------------------------
 
 
+class InsecureBindError(ValueError):
+    """Binding beyond loopback without a token (and without allow_unauthenticated)."""
+
+
+def check_bind(host: str, token: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse a server that anyone on the network could train, unless explicitly allowed."""
+    if token is None and not _is_loopback(host):
+        if not allow_unauthenticated:
+            raise InsecureBindError(
+                f"refusing to serve on {host!r} without a token: anyone who can reach this address "
+                "could train the critic and make it write checkpoints. Set a token (and give the "
+                "same one to CriticClient), bind 127.0.0.1, or pass allow_unauthenticated=True"
+            )
+        logger.warning("critic server binds %s without a token (allow_unauthenticated): anyone who can "
+                       "reach this address can train and overwrite the critic", host)
+
+
 def make_server(app: flask.Flask, host: str = "127.0.0.1", port: int = 5555, threads: int = 8):
     """Bind a waitress server (not yet running). ``port=0`` picks a free port; read it back
-    from ``server.effective_port``. Call ``.run()`` to serve (blocks)."""
+    from ``server.effective_port``. Call ``.run()`` to serve (blocks).
+
+    Raises InsecureBindError (see check_bind). With ``threads <= queue_limit + 1`` fewer model
+    requests are admitted at once (threads - 1), so one thread always stays free for /health
+    and /ready."""
     service: _CriticService | None = app.extensions.get(_EXTENSION)
     if service is not None:
-        if service.settings.token is None and not _is_loopback(host):
-            logger.warning(
-                "critic server binds %s without a token: anyone who can reach this address can "
-                "train and overwrite the critic; pass token=... (and the same to CriticClient)",
-                host,
-            )
+        check_bind(host, service.settings.token, service.settings.allow_unauthenticated)
+        if threads < 2:
+            raise ValueError(f"threads={threads}: the critic server needs at least 2 (one stays free for "
+                             "/health and /ready)")
         if threads < service.settings.queue_limit + 2:
             logger.warning(
-                "threads=%d <= queue_limit+1=%d: queued requests hold every server thread and "
-                "/health, /ready stop answering while the model is busy",
-                threads,
-                service.settings.queue_limit + 1,
+                "threads=%d <= queue_limit+1=%d: admitting at most %d model requests at a time so "
+                "that /health and /ready keep a thread; raise threads to use queue_limit fully",
+                threads, service.settings.queue_limit + 1, threads - 1,
             )
+            service.admission.limit = threads - 1
         body_limit = max(1 << 30, service.settings.max_request_bytes + (1 << 20))
     else:
         body_limit = 1 << 30

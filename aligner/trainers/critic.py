@@ -44,6 +44,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -267,19 +268,25 @@ class CriticWorker:
 
     # -- checks rank 0 makes before broadcasting (a bad request must not reach the followers) --
 
-    def check_infer(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._check_tokens(tensors["tokens"])
-
-    def check_train(self, tensors: dict[str, torch.Tensor], step: int | None = None) -> None:
-        if self.mode == "rm":
+    def check_request(self, route: str, tensors: dict[str, torch.Tensor]) -> None:
+        """What this model cannot take whatever its state (mode, vocabulary, context): 4xx naming
+        the field. Reads nothing a call changes, so the HTTP front runs it before the request
+        waits for the model (the schema and the size limits were checked before it)."""
+        if route == "train" and self.mode == "rm":
             raise ProtocolError(409, "this is a reward-model-only server (serve_reward_model.py): it has no critic "
                                      "to train; send /v1/train to the critic server (serve_ppo_critic.py)")
+        self._check_tokens(tensors["tokens"])
+
+    def check_infer(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.check_request("infer", tensors)
+
+    def check_train(self, tensors: dict[str, torch.Tensor], step: int | None = None) -> None:
+        self.check_request("train", tensors)
         if step is not None and step != self.trained_step + 1:
             raise ProtocolError(409, f"metadata 'step': this train request completes PPO step {step}, but the "
                                      f"critic's state is at step {self.trained_step}; send the train requests of "
                                      f"steps {self.trained_step + 1}..{step - 1} first (critic_step="
                                      f"{self.trained_step})")
-        self._check_tokens(tensors["tokens"])
 
     def check_save(self, step: int) -> None:
         """A checkpoint's label must be the step its state has reached, never another."""
@@ -380,9 +387,10 @@ class CriticWorker:
                 self.applied_keys.popitem(last=False)
         return result
 
-    def save(self, step: int, path: str | None = None) -> dict[str, Any]:
-        """Native checkpoint ``step_<step>`` under ``path`` (default: exp_manager.explicit_log_dir
-        /checkpoints, where a restarted server resumes from). Collective."""
+    def save(self, step: int) -> dict[str, Any]:
+        """Native checkpoint ``step_<step>`` under exp_manager.explicit_log_dir/checkpoints (where
+        a restarted server resumes from, and the only place a critic ever writes). Keeps the last
+        ``exp_manager.checkpoint_callback_params.save_top_k`` critic checkpoints there. Collective."""
         self.check_save(step)  # rank 0 checked before broadcasting; the others agree
         self.run.step = int(step)
         extra = {
@@ -393,12 +401,13 @@ class CriticWorker:
             "idempotency_results": dict(self.applied_keys),
             "critic_mode": self.mode,
         }
-        if path is None:
-            final = self.run.save_checkpoint(extra)
-        else:
-            keep = self.run.cfg.exp_manager.checkpoint_callback_params.save_top_k
-            final = checkpoint.save(Path(path), self.run.step, self.run.model, self.run.optimizer,
-                                    self.run.trainer_state(extra), keep_last=int(keep) if keep else None)
+        directory = self.run.checkpoint_dir
+        final = checkpoint.save(directory, self.run.step, self.run.model, self.run.optimizer,
+                                self.run.trainer_state(extra), keep_last=None)
+        keep = self.run.cfg.exp_manager.checkpoint_callback_params.save_top_k
+        if keep and self.run.is_rank_zero:
+            for old in prune_critic_checkpoints(directory, int(keep)):
+                log.info("pruned critic checkpoint %s (save_top_k=%d)", old, int(keep))
         self.checkpoint_step = int(step)
         return {"path": str(final), "step": int(step)}
 
@@ -418,6 +427,32 @@ class CriticWorker:
             "tensor_parallel": layout.tensor_parallel,
             "data_parallel": layout.data_parallel,
         }
+
+
+def prune_critic_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` critic checkpoints in ``directory``; returns the deleted.
+
+    Only what a critic server wrote there counts: complete ``step_N`` directories (not symlinks)
+    whose trainer_state.json has ``critic_mode``. Anything else in the directory (another
+    trainer's checkpoint, a link, a stray name) is never touched.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(directory).resolve()
+    ours = []
+    for step, path in checkpoint.list_complete(root):
+        if path.is_symlink() or path.resolve().parent != root:
+            continue
+        try:
+            state = checkpoint.read_trainer_state(path)
+        except (checkpoint.CheckpointError, OSError):
+            continue
+        if "critic_mode" in state:
+            ours.append((step, path))
+    pruned = [path for _, path in ours[:-keep]]
+    for path in pruned:
+        shutil.rmtree(path, ignore_errors=True)
+    return pruned
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,21 +553,67 @@ def build_worker(cfg: DictConfig, schema, loop_key: str, mode: str) -> CriticWor
     )
 
 
+def resolve_token(loop_cfg: DictConfig, loop_key: str, environ=os.environ) -> str | None:
+    """The bearer token: trainer.<loop>.auth_token, else the environment variable, else None."""
+    token = loop_cfg.get("auth_token") or environ.get(TOKEN_ENV[loop_key]) or None
+    return None if token is None else str(token)
+
+
+def check_auth_settings(loop_cfg: DictConfig, loop_key: str, token: str | None) -> None:
+    """Refuse (before the slow model set-up) to serve beyond loopback without a token."""
+    from aligner.serving.server import InsecureBindError, check_bind
+
+    allow = bool(loop_cfg.get("allow_unauthenticated", False))
+    try:
+        check_bind(str(loop_cfg.host), token, allow)
+    except InsecureBindError:
+        prefix = f"trainer.{loop_key}"
+        raise ConfigError(
+            f"{prefix}.host={loop_cfg.host} accepts connections from other machines, but no token is set: "
+            f"anyone who can reach it could train the critic and make it write checkpoints. Set "
+            f"{prefix}.auth_token (or the environment variable {TOKEN_ENV[loop_key]}) and give the actor the "
+            f"same token (remote_critic_rm.auth_token or ALIGNER_CRITIC_TOKEN), or bind {prefix}.host=127.0.0.1, "
+            f"or accept the risk with {prefix}.allow_unauthenticated=true"
+        ) from None
+
+
+def resolve_size_limits(loop_cfg: DictConfig, loop_key: str, model_config) -> tuple[int, int | None]:
+    """(max_sequence_length, max_tokens_per_request) from trainer.<loop>: the sequence limit
+    defaults to the model's context (max_position_embeddings); null tokens means unbounded."""
+    prefix = f"trainer.{loop_key}"
+    context = int(model_config.max_position_embeddings)
+    seq = loop_cfg.get("max_sequence_length")
+    tokens = loop_cfg.get("max_tokens_per_request")
+    for key, value in (("max_sequence_length", seq), ("max_tokens_per_request", tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{prefix}.{key} must be an integer >= 1 or null, got {value!r}")
+    if seq is None:
+        seq = context
+    elif seq > context and not model_config.is_llama:
+        raise ConfigError(f"{prefix}.max_sequence_length={seq} exceeds the model's learned positions "
+                          f"(max_position_embeddings={context}); use at most {context} or null")
+    return int(seq), (None if tokens is None else int(tokens))
+
+
 def _serve(cfg: DictConfig, schema, loop_key: str, mode: str) -> None:
     from aligner.trainers import critic_server
 
     loop_cfg = cfg.trainer[loop_key]
+    token = resolve_token(loop_cfg, loop_key)
+    check_auth_settings(loop_cfg, loop_key, token)
     if int(os.environ.get("RANK", "0")) == 0 and loop_cfg.get("ready_file"):
         critic_server.remove_ready_file(str(loop_cfg.ready_file))  # never let a waiter read a stale one
     worker = build_worker(cfg, schema, loop_key, mode)
     try:
+        max_sequence_length, max_tokens = resolve_size_limits(loop_cfg, loop_key, worker.run.model_config)
         if worker.run.is_rank_zero:
-            token = loop_cfg.get("auth_token") or os.environ.get(TOKEN_ENV[loop_key]) or None
             critic_server.serve_rank0(
                 worker, host=str(loop_cfg.host), port=int(loop_cfg.port), token=token,
                 ready_file=loop_cfg.get("ready_file"), threads=int(loop_cfg.threads),
                 queue_limit=int(loop_cfg.queue_limit), max_request_bytes=int(loop_cfg.max_request_bytes),
                 idempotency_cache_size=int(loop_cfg.idempotency_cache_size),
+                max_sequence_length=max_sequence_length, max_tokens_per_request=max_tokens,
+                allow_unauthenticated=bool(loop_cfg.get("allow_unauthenticated", False)),
             )
         else:
             critic_server.follow(worker)

@@ -15,6 +15,15 @@ so no rank leaves while another is inside a collective.
 
 If a call fails after its broadcast on a multi-rank job, the ranks may be out of step; the front
 then reports not ready (/ready 503) and refuses further calls, and the job must be restarted.
+
+When rank 0 dies (SIGKILL, OOM kill, lost node) the followers must not wait in a broadcast for
+the process group's timeout (30 min). Liveness goes through the c10d store every rank already
+shares (a TCP key-value store: backend-independent, so the same on gloo and NCCL): rank 0
+increments a heartbeat key every HEARTBEAT_INTERVAL_S; a watchdog thread on each follower reads
+it and exits the process (code WATCHDOG_EXIT_CODE) when it has not moved for
+FOLLOWER_TIMEOUT_S, or at once when the store itself is gone (rank 0 hosted it). Under torchrun,
+whose agent hosts the store, every rank also exits when the agent (its parent) dies, so no rank
+outlives a SIGKILLed launcher either.
 """
 from __future__ import annotations
 
@@ -22,7 +31,11 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator
 
 import torch
@@ -68,6 +81,10 @@ class CriticFront:
 
     # -- CriticHandler -----------------------------------------------------------------------
 
+    def check_request(self, route: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Static checks the HTTP front runs before the request waits for the model."""
+        self.worker.check_request(route, tensors)
+
     def infer(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self._exclusive():
             self.worker.check_infer(tensors)
@@ -85,12 +102,11 @@ class CriticFront:
             metadata = {**({"key": key} if key is not None else {}), **({"step": str(step)} if step else {})}
             return self._everywhere(Command.TRAIN, tensors, metadata, lambda: self.worker.train(tensors, key, step))
 
-    def save(self, step: int, path: str | None) -> dict:
+    def save(self, step: int) -> dict:
         fault_point("critic.before_save")
-        metadata = {"step": str(step), **({"path": path} if path is not None else {})}
         with self._exclusive():
             self.worker.check_save(step)
-            return self._everywhere(Command.SAVE, {}, metadata, lambda: self.worker.save(step, path))
+            return self._everywhere(Command.SAVE, {}, {"step": str(step)}, lambda: self.worker.save(step))
 
     def is_ready(self) -> bool:
         return not self._stopped and self._broken is None
@@ -150,15 +166,26 @@ class _StopServing(KeyboardInterrupt):
 
 
 def serve_rank0(worker, *, host: str, port: int, token: str | None, ready_file: str | None, threads: int,
-                queue_limit: int, max_request_bytes: int, idempotency_cache_size: int) -> None:
+                queue_limit: int, max_request_bytes: int, idempotency_cache_size: int,
+                max_sequence_length: int | None = None, max_tokens_per_request: int | None = None,
+                allow_unauthenticated: bool = False) -> None:
     """Serve HTTP until SIGTERM/SIGINT, then stop the followers. Blocks; call on rank 0."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     device = worker.device
     broadcaster = CommandBroadcaster(device=device) if world > 1 else None
     front = CriticFront(worker, broadcaster, device)
-    app = create_app(front, token=token, max_request_bytes=max_request_bytes, queue_limit=queue_limit,
-                     idempotency_cache_size=idempotency_cache_size)
-    server = make_server(app, host=host, port=port, threads=threads)
+    liveness = Heartbeat(_default_store()) if world > 1 else None
+    parent_watch = ParentWatch.if_launched_by_torchrun()
+    try:
+        app = create_app(front, token=token, max_request_bytes=max_request_bytes, queue_limit=queue_limit,
+                         idempotency_cache_size=idempotency_cache_size, max_sequence_length=max_sequence_length,
+                         max_tokens_per_request=max_tokens_per_request,
+                         allow_unauthenticated=allow_unauthenticated)
+        server = make_server(app, host=host, port=port, threads=threads)
+    except BaseException:
+        front.shutdown()  # release the followers rather than leave them to the watchdog
+        _stop_all(liveness, parent_watch)
+        raise
     bound_port = int(server.effective_port)
 
     state = {"serving": False, "signal": None}
@@ -171,8 +198,9 @@ def serve_rank0(worker, *, host: str, port: int, token: str | None, ready_file: 
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        log.info("critic server (%s) listening on http://%s:%d (auth %s, %d rank(s))", worker.mode, host,
-                 bound_port, "on" if token else "off", world)
+        log.info("critic server (%s) listening on http://%s:%d (auth %s, %d rank(s), max_sequence_length=%s, "
+                 "max_tokens_per_request=%s)", worker.mode, host, bound_port, "on" if token else "off", world,
+                 max_sequence_length, max_tokens_per_request)
         if ready_file:
             write_ready_file(str(ready_file), host, bound_port)
         if state["signal"] is None:
@@ -189,29 +217,185 @@ def serve_rank0(worker, *, host: str, port: int, token: str | None, ready_file: 
         if ready_file:
             remove_ready_file(str(ready_file))
         front.shutdown()
+        _stop_all(liveness, parent_watch)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def follow(worker) -> int:
     """Ranks > 0: execute rank 0's commands until STOP. Returns how many were handled."""
+    rank = worker.run.layout.rank
+
     def on_signal(signum, frame):
-        log.warning("rank %d got %s: waiting for rank 0 to send STOP", worker.run.layout.rank,
-                    signal.Signals(signum).name)
+        log.warning("rank %d got %s: waiting for rank 0 to send STOP", rank, signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    watchdog = FollowerWatchdog(_default_store(), rank)
+    parent_watch = ParentWatch.if_launched_by_torchrun()
     try:
         handled = follower_loop(
             {
                 Command.INFER: lambda tensors, meta: worker.infer(tensors),
                 Command.TRAIN: lambda tensors, meta: worker.train(
                     tensors, meta.get("key"), int(meta["step"]) if "step" in meta else None),
-                Command.SAVE: lambda tensors, meta: worker.save(int(meta["step"]), meta.get("path")),
+                Command.SAVE: lambda tensors, meta: worker.save(int(meta["step"])),
             },
             device=worker.device,
         )
     finally:
+        _stop_all(watchdog, parent_watch)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    log.info("rank %d: STOP received after %d command(s)", worker.run.layout.rank, handled)
+    log.info("rank %d: STOP received after %d command(s)", rank, handled)
     return handled
+
+
+# --------------------------------------------------------------------------------------------
+# Liveness: followers leave when rank 0 (or torchrun's agent) is gone
+# --------------------------------------------------------------------------------------------
+
+HEARTBEAT_KEY = "aligner/critic/rank0_heartbeat"
+HEARTBEAT_INTERVAL_S = 1.0
+# How long a follower waits for rank 0's heartbeat to move before it exits. Rank 0's heartbeat
+# thread needs no GIL-free compute to beat, so this can be short; ALIGNER_FOLLOWER_TIMEOUT_S
+# overrides it (seconds).
+FOLLOWER_TIMEOUT_S = 15.0
+WATCHDOG_EXIT_CODE = 75
+
+
+def _default_store():
+    """The c10d store of the default process group (the one every rank joined at start-up)."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def follower_timeout_s() -> float:
+    raw = os.environ.get("ALIGNER_FOLLOWER_TIMEOUT_S")
+    if raw is None:
+        return FOLLOWER_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"ALIGNER_FOLLOWER_TIMEOUT_S={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"ALIGNER_FOLLOWER_TIMEOUT_S={raw!r} must be > 0")
+    return value
+
+
+def _exit_now(message: str) -> None:
+    """Leave at once from any thread: the main thread may be inside a collective that will
+    never return. Children started with aligner.compat.child_processes die with us."""
+    log.error(message)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(WATCHDOG_EXIT_CODE)
+
+
+class _Periodic:
+    """A daemon thread calling ``tick`` every ``interval_s`` until stop()."""
+
+    def __init__(self, name: str, interval_s: float, tick: Callable[[], None]):
+        self._stop = threading.Event()
+        self._interval_s = interval_s
+        self._tick = tick
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._tick()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+
+class Heartbeat(_Periodic):
+    """Rank 0: increment HEARTBEAT_KEY in the store every HEARTBEAT_INTERVAL_S."""
+
+    def __init__(self, store, interval_s: float = HEARTBEAT_INTERVAL_S):
+        self.store = store
+        store.add(HEARTBEAT_KEY, 1)  # the followers' first reading already sees rank 0 alive
+        super().__init__("critic-heartbeat", interval_s, self._beat)
+
+    def _beat(self) -> None:
+        try:
+            self.store.add(HEARTBEAT_KEY, 1)
+        except Exception as exc:  # the store (torchrun's agent) is gone: the followers will notice too
+            log.warning("heartbeat: cannot reach the c10d store (%s)", exc)
+
+
+class FollowerWatchdog(_Periodic):
+    """A follower: exit when rank 0's heartbeat stops moving for timeout_s, or the store is gone.
+
+    Reads go through a helper thread with a deadline, so a store whose host vanished without
+    closing its connection (a lost node) cannot block the watchdog itself.
+    """
+
+    def __init__(self, store, rank: int, timeout_s: float | None = None, interval_s: float = HEARTBEAT_INTERVAL_S,
+                 on_dead: Callable[[str], None] = _exit_now):
+        self.store = store
+        self.rank = rank
+        self.timeout_s = follower_timeout_s() if timeout_s is None else float(timeout_s)
+        self.on_dead = on_dead
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="critic-watchdog-read")
+        self._last_value: int | None = None
+        self._last_change = time.monotonic()
+        super().__init__("critic-watchdog", interval_s, self._check)
+
+    def _check(self) -> None:
+        try:
+            value = self._reader.submit(self.store.add, HEARTBEAT_KEY, 0).result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self._dead(f"the c10d store did not answer within {self.timeout_s:.0f} s")
+            return
+        except Exception as exc:
+            self._dead(f"the c10d store is gone ({type(exc).__name__}: {exc})")
+            return
+        now = time.monotonic()
+        if value != self._last_value:
+            self._last_value, self._last_change = value, now
+        elif now - self._last_change > self.timeout_s:
+            self._dead(f"rank 0's heartbeat has not moved for {now - self._last_change:.0f} s")
+
+    def _dead(self, why: str) -> None:
+        self._stop.set()
+        self.on_dead(f"rank {self.rank}: rank 0 of the critic job is gone ({why}); exiting instead of waiting "
+                     f"in a collective (exit code {WATCHDOG_EXIT_CODE}). Restart the whole critic job: it resumes "
+                     "from its last checkpoint")
+
+    def stop(self) -> None:
+        super().stop()
+        self._reader.shutdown(wait=False)
+
+
+class ParentWatch(_Periodic):
+    """Exit when the launcher that started this rank dies (its parent pid changes)."""
+
+    def __init__(self, interval_s: float = 0.5, on_dead: Callable[[str], None] = _exit_now):
+        self.parent = os.getppid()
+        self.on_dead = on_dead
+        super().__init__("critic-parent-watch", interval_s, self._check)
+
+    @classmethod
+    def if_launched_by_torchrun(cls) -> "ParentWatch | None":
+        """Only under torchrun: there the parent is the agent, which supervises the ranks; a rank
+        started directly (python, srun, mpirun) may well outlive its shell on purpose."""
+        return cls() if os.environ.get("TORCHELASTIC_RUN_ID") else None
+
+    def _check(self) -> None:
+        if os.getppid() != self.parent:
+            self._stop.set()
+            self.on_dead(f"the launcher (pid {self.parent}) that started this rank is gone; exiting")
+
+
+def _stop_all(*watchers) -> None:
+    for watcher in watchers:
+        if watcher is not None:
+            watcher.stop()

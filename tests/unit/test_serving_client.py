@@ -45,8 +45,8 @@ class FakeCritic:
         time.sleep(self.delay_s)
         return {"loss": float(tensors["returns"].double().sum()), "applied": len(self.train_calls)}
 
-    def save(self, step, path):
-        return {"step": step, "path": path or f"/ckpt/{step}"}
+    def save(self, step):
+        return {"step": step, "path": f"/ckpt/{step}"}
 
     def is_ready(self):
         return self.ready.is_set()
@@ -113,7 +113,9 @@ def test_infer_train_save_round_trip_and_async_fan_out():
             assert metrics == {"loss": 15.0, "applied": 1.0}
             assert client.train_async(train_tensors(2.0), "step0-mb1").result(timeout=10)["loss"] == 30.0
             assert client.save(7) == {"step": 7, "path": "/ckpt/7"}
-            assert client.save(8, "/elsewhere", idempotency_key="save-8") == {"step": 8, "path": "/elsewhere"}
+            assert client.save(8, idempotency_key="save-8") == {"step": 8, "path": "/ckpt/8"}
+            with pytest.raises(TypeError):  # where to save is the server's choice, never the client's
+                client.save(9, "/elsewhere", idempotency_key="save-9")
     finally:
         server.stop()
 

@@ -12,6 +12,7 @@ from aligner.serving.protocol import (
     SAVE_REQUEST,
     TRAIN_REQUEST,
     ProtocolError,
+    SizeLimits,
     TensorSpec,
     decode_tensors,
     encode_tensors,
@@ -215,14 +216,18 @@ def test_fixed_and_free_dims():
 
 
 def test_save_request_metadata_round_trip_and_errors():
-    assert parse_save_request(save_request_metadata(12)) == (12, None)
-    assert parse_save_request(save_request_metadata(0, "/ckpt/a")) == (0, "/ckpt/a")
+    assert parse_save_request(save_request_metadata(12)) == 12
+    assert parse_save_request(save_request_metadata(0)) == 0
     for meta, fragment in [
         ({}, "'step'"),
         ({"step": "-1"}, "'step'"),
         ({"step": "1.5"}, "'step'"),
         ({"step": "٣"}, "'step'"),  # a unicode digit is not a decimal int on the wire
+        ({"step": "9" * 5000}, "'step'"),  # would make int() itself raise ValueError
+        # where to save is never the client's choice: the key is refused, whatever its value
         ({"step": "3", "path": ""}, "'path'"),
+        ({"step": "3", "path": "../../../x"}, "'path'"),
+        ({"step": "3", "path": "/tmp/elsewhere"}, "'path'"),
         ({"step": "3", "paht": "/x"}, "'paht'"),
     ]:
         with pytest.raises(ProtocolError) as info:
@@ -231,6 +236,38 @@ def test_save_request_metadata_round_trip_and_errors():
         assert fragment in info.value.message, (meta, info.value.message)
     with pytest.raises(ValueError):
         save_request_metadata(-2)
+    with pytest.raises(TypeError):
+        save_request_metadata(3, "/ckpt")  # no path argument any more
+
+
+def test_size_limits_are_checked_from_shapes_before_values():
+    limits = SizeLimits(max_sequence_length=4, max_tokens_per_request=8)
+    assert validate(_infer(), INFER_REQUEST, limits) == {"B": 2, "S": 4}
+    long = {"tokens": torch.zeros(1, 5, dtype=torch.int64), "lengths": torch.tensor([9])}  # lengths > S too
+    with pytest.raises(ProtocolError) as info:
+        validate(long, INFER_REQUEST, limits)
+    assert info.value.status == 422  # the limit, not the (later) value check of 'lengths'
+    assert "'tokens'" in info.value.message and "S=5" in info.value.message
+    assert "max_sequence_length=4" in info.value.message
+    many = _train(tokens=torch.zeros(3, 3, dtype=torch.int64), lengths=torch.tensor([1, 1, 1]),
+                  returns=torch.zeros(3, 3), prev_values=torch.zeros(3, 3), mask=torch.zeros(3, 3))
+    with pytest.raises(ProtocolError) as info:
+        validate(many, TRAIN_REQUEST, limits)
+    assert info.value.status == 413
+    assert "3 x 3 = 9" in info.value.message and "max_tokens_per_request=8" in info.value.message
+    assert validate(many, TRAIN_REQUEST, SizeLimits(max_tokens_per_request=9)) == {"B": 3, "S": 3}
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_sequence_length"):
+            SizeLimits(max_sequence_length=bad)
+
+
+def test_train_returns_and_values_are_bounded_so_the_loss_cannot_overflow():
+    for field in ("returns", "prev_values"):
+        huge = torch.zeros(2, 3)
+        huge[1, 2] = 1e30
+        with pytest.raises(ProtocolError) as info:
+            validate(_train(**{field: huge}), TRAIN_REQUEST)
+        assert info.value.status == 422 and f"'{field}'" in info.value.message
 
 
 def test_results_round_trip_exactly():

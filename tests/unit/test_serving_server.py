@@ -19,6 +19,7 @@ import torch
 
 from aligner.serving.server import (
     BackgroundServer,
+    InsecureBindError,
     create_app,
     read_ready_file,
     write_ready_file,
@@ -70,11 +71,11 @@ class FakeCritic:
         self._exit()
         return {"loss": float(tensors["returns"].sum()), "calls": len(self.train_calls)}
 
-    def save(self, step, path):
+    def save(self, step):
         self._enter()
-        self.save_calls.append((step, path))
+        self.save_calls.append(step)
         self._exit()
-        return {"step": step, "path": path or f"/ckpt/step{step}"}
+        return {"step": step, "path": f"/ckpt/step{step}"}
 
     def is_ready(self):
         return self.ready.is_set()
@@ -84,10 +85,10 @@ class FakeCritic:
 
 
 @contextmanager
-def serving(handler, **options):
+def serving(handler, threads=8, **options):
     settings = dict(token=TOKEN, max_request_bytes=4096, queue_limit=4, retry_after_s=2, idempotency_cache_size=8)
     settings.update(options)
-    server = BackgroundServer(create_app(handler, **settings), port=0).start()
+    server = BackgroundServer(create_app(handler, **settings), port=0, threads=threads).start()
     try:
         yield server.url
     finally:
@@ -163,7 +164,9 @@ BAD_REQUESTS = [
     ("missing idempotency key", "POST", "/v1/train", train_body(), {}, 400, "Idempotency-Key"),
     ("bad idempotency key", "POST", "/v1/train", train_body(), {"Idempotency-Key": "has space"}, 400, "Idempotency-Key"),
     ("train nan", "POST", "/v1/train", body_of({"tokens": TOKENS, "lengths": LENGTHS, "returns": torch.full((2, 4), float("nan")), "prev_values": torch.zeros(2, 4), "mask": torch.ones(2, 4)}), {"Idempotency-Key": "t-nan"}, 422, "returns"),
-    ("save without step", "POST", "/v1/save", body_of({}, {"path": "/x"}), {"Idempotency-Key": "s-1"}, 400, "step"),
+    ("save without step", "POST", "/v1/save", body_of({}), {"Idempotency-Key": "s-1"}, 400, "step"),
+    ("save with a path", "POST", "/v1/save", body_of({}, {"step": "3", "path": "../../x"}), {"Idempotency-Key": "s-2"}, 400, "'path'"),
+    ("save step negative", "POST", "/v1/save", body_of({}, {"step": "-3"}), {"Idempotency-Key": "s-3"}, 400, "'step'"),
 ]
 
 
@@ -278,13 +281,13 @@ def test_concurrent_duplicates_run_once():
 def test_save_is_idempotent_and_returns_handler_result():
     handler = FakeCritic()
     with serving(handler) as url:
-        body = body_of({}, {"step": "40", "path": "/ckpt/x"})
+        body = body_of({}, {"step": "40"})
         for _ in range(2):
             response = post(url, "/v1/save", body, {"Idempotency-Key": "save-40"})
             assert response.status_code == 200
             meta = _metadata(response.content)
-            assert meta == {"step": "40", "path": '"/ckpt/x"'}
-        assert handler.save_calls == [(40, "/ckpt/x")]
+            assert meta == {"step": "40", "path": '"/ckpt/step40"'}
+        assert handler.save_calls == [40]
         assert_json_error(post(url, "/v1/save", body), 400)
 
 
@@ -304,7 +307,7 @@ def test_model_calls_never_overlap_and_queue_overflow_is_503_with_retry_after():
         assert metrics["requests"]["POST /v1/infer"] == {
             str(s): statuses.count(s) for s in set(statuses)
         }
-        assert metrics["queue"] == {"waiting": 0, "busy": False, "limit": 1}
+        assert metrics["queue"] == {"waiting": 0, "busy": False, "limit": 1, "admitted": 0}
 
 
 def test_ready_is_503_until_the_handler_is_ready():
@@ -342,12 +345,17 @@ def test_metrics_count_requests_by_route_and_status():
     assert metrics["handler"] == {"train_calls": 1}
 
 
-def test_binding_beyond_loopback_without_token_warns(caplog):
+def test_binding_beyond_loopback_without_token_is_refused_unless_allowed(caplog):
     app = create_app(FakeCritic(), token=None, queue_limit=1)
     with caplog.at_level(logging.WARNING, logger="aligner.serving.server"):
         BackgroundServer(app, host="127.0.0.1", port=0).stop()
         assert not caplog.records
-        BackgroundServer(app, host="0.0.0.0", port=0).stop()
+        with pytest.raises(InsecureBindError, match="without a token"):
+            BackgroundServer(app, host="0.0.0.0", port=0)
+        BackgroundServer(create_app(FakeCritic(), token=TOKEN), host="0.0.0.0", port=0).stop()
+        assert not caplog.records
+        allowed = create_app(FakeCritic(), token=None, queue_limit=1, allow_unauthenticated=True)
+        BackgroundServer(allowed, host="0.0.0.0", port=0).stop()
     assert any("without a token" in r.getMessage() for r in caplog.records)
 
 
@@ -416,3 +424,105 @@ def test_malformed_train_metadata_is_400_naming_the_key(metadata, fragment):
         body = body_of(safetensors.torch.load(train_body()), metadata)
         message = assert_json_error(post(url, "/v1/train", body, {"Idempotency-Key": "bad-meta"}), 400)
         assert fragment in message and handler.train_calls == []
+
+
+class GatedCritic(FakeCritic):
+    """infer blocks until ``release`` is set: a long request holding the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.checked = []
+
+    def infer(self, tensors):
+        self.entered.set()
+        assert self.release.wait(20), "test never released the slow infer"
+        return super().infer(tensors)
+
+
+def _timed_get(url, route):
+    started = time.perf_counter()
+    response = requests.get(url + route, headers=AUTH, timeout=5)
+    return response, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("threads, admitted", [(8, 5), (3, 2)])
+def test_health_and_ready_answer_while_a_slow_infer_holds_the_model(threads, admitted):
+    """With one infer holding the model and the queue full, /health, /ready and /v1/metrics answer
+    at once (they never wait for the model, and a thread is always left for them, even with
+    fewer threads than queue_limit + 2); model requests beyond admission get 503 at once."""
+    handler = GatedCritic()
+    with serving(handler, threads=threads, queue_limit=4, retry_after_s=3) as url:
+        with ThreadPoolExecutor(admitted + 2) as pool:
+            first = pool.submit(post, url, "/v1/infer", INFER_BODY)
+            assert handler.entered.wait(10)
+            queued = [pool.submit(post, url, "/v1/infer", INFER_BODY) for _ in range(admitted - 1)]
+            deadline = time.monotonic() + 10
+            while requests.get(url + "/v1/metrics", headers=AUTH, timeout=5).json()["queue"]["admitted"] < admitted:
+                assert time.monotonic() < deadline, "queued requests never arrived"
+                time.sleep(0.05)
+            refused = post(url, "/v1/infer", INFER_BODY)  # beyond admission: at once, not after the slow one
+            assert "queue_limit" in assert_json_error(refused, 503) and refused.headers["Retry-After"] == "3"
+            for route in ("/health", "/ready", "/v1/metrics"):
+                for _ in range(3):
+                    response, seconds = _timed_get(url, route)
+                    assert response.status_code == 200 and seconds < 1.0, (route, response.status_code, seconds)
+            assert not first.done()  # all of the above happened while the slow infer held the model
+            handler.release.set()
+            assert [f.result().status_code for f in [first, *queued]] == [200] * admitted
+        assert handler.max_concurrent == 1
+
+
+class CheckingCritic(GatedCritic):
+    """A handler with static checks (as the real critic's vocabulary check)."""
+
+    def check_request(self, route, tensors):
+        from aligner.serving.protocol import ProtocolError
+
+        self.checked.append(route)
+        if int(tensors["tokens"].max()) >= 50:
+            raise ProtocolError(422, "field 'tokens': id beyond the vocabulary of 50")
+        if route == "train" and float(tensors["returns"].sum()) == 123.0:
+            raise RuntimeError("a bug in the check")
+
+
+def test_limits_and_static_checks_answer_before_the_model_gate():
+    """While a slow infer holds the model, requests breaking the size limits (413/422) or the
+    handler's static checks (4xx) are answered at once; they never queue behind it."""
+    handler = CheckingCritic()
+    with serving(handler, max_request_bytes=4 << 20, max_sequence_length=8, max_tokens_per_request=16) as url:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, url, "/v1/infer", INFER_BODY)
+            assert handler.entered.wait(10)
+            too_long = body_of({"tokens": torch.zeros(1, 9, dtype=torch.int64), "lengths": torch.tensor([9])})
+            too_many = body_of({"tokens": torch.zeros(3, 8, dtype=torch.int64), "lengths": torch.tensor([8, 8, 8])})
+            beyond_vocab = body_of({"tokens": torch.tensor([[50, 1]]), "lengths": torch.tensor([2])})
+            huge = body_of({"tokens": torch.zeros(1, 200000, dtype=torch.int64), "lengths": torch.tensor([200000])})
+            for body, status, fragments in [(too_long, 422, ["'tokens'", "S=9", "max_sequence_length=8"]),
+                                            (too_many, 413, ["'tokens'", "3 x 8 = 24", "max_tokens_per_request=16"]),
+                                            (huge, 422, ["'tokens'", "S=200000"]),
+                                            (beyond_vocab, 422, ["'tokens'", "vocabulary"])]:
+                started = time.perf_counter()
+                message = assert_json_error(post(url, "/v1/infer", body), status)
+                assert time.perf_counter() - started < 2.0
+                for fragment in fragments:
+                    assert fragment in message, (fragment, message)
+            big_train = safetensors.torch.load(train_body())
+            big_train = {k: v.repeat(3, 2) for k, v in big_train.items() if k != "lengths"}
+            big_train["lengths"] = torch.tensor([3, 2, 3, 2, 3, 2])
+            message = assert_json_error(post(url, "/v1/train", body_of(big_train), {"Idempotency-Key": "big"}), 413)
+            assert "max_tokens_per_request" in message
+            buggy = safetensors.torch.load(train_body())
+            buggy["returns"] = torch.zeros(2, 4)
+            buggy["returns"][0, 0] = 123.0
+            message = assert_json_error(post(url, "/v1/train", body_of(buggy), {"Idempotency-Key": "bug"}), 500)
+            assert "handler.check_request" in message
+            assert not first.done()
+            handler.release.set()
+            assert first.result().status_code == 200
+        assert handler.checked == ["infer", "infer", "train"]  # the limits come first: no check, no model
+        assert handler.infer_calls == 1 and handler.train_calls == []
+        metrics = requests.get(url + "/v1/metrics", headers=AUTH, timeout=5).json()
+        assert metrics["limits"] == {"max_request_bytes": 4 << 20, "max_sequence_length": 8,
+                                     "max_tokens_per_request": 16}

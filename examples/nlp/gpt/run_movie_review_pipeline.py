@@ -4,13 +4,16 @@ movie-review data, then an independent VADER judgement of samples before and aft
     python examples/nlp/gpt/run_movie_review_pipeline.py [--out results/pipeline] [--quick]
 
 Each stage is a separate process started exactly as a user would start it; the critic server is
-started, health-checked, and stopped cleanly (SIGTERM) around the PPO actor.
+started, health-checked, and stopped cleanly (SIGTERM) around the PPO actor. The critic and the
+actor share a fresh random token (ALIGNER_CRITIC_TOKEN, passed through the environment, never on
+a command line where `ps` would show it), so no other local process can train the critic.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,10 +28,10 @@ def stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def run(script: str, overrides: list[str]) -> None:
+def run(script: str, overrides: list[str], env: dict[str, str] | None = None) -> None:
     cmd = [sys.executable, str(SCRIPTS / script), *overrides]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
+    subprocess.run(cmd, check=True, cwd=REPO, env=env)
 
 
 def free_port() -> int:
@@ -69,16 +72,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     stage("3/3 PPO: critic server + actor")
     port = free_port()
+    token = secrets.token_hex(16)
+    token_env = {**os.environ, "ALIGNER_CRITIC_TOKEN": token}  # both sides; not in argv (ps shows argv)
     critic_log = open(out / "critic_server.log", "w")
     critic_cmd = [sys.executable, str(SCRIPTS / "serve_ppo_critic.py"), tok,
                   f"exp_manager.explicit_log_dir={out / 'critic'}", f"trainer.ppo.port={port}",
                   f"trainer.ppo.max_steps={args.ppo_steps}", f"pretrained_checkpoint.restore_from_path={out / 'rm'}"]
-    print("$", " ".join(critic_cmd), f"> {critic_log.name} &", flush=True)
-    critic = subprocess.Popen(critic_cmd, cwd=REPO, stdout=critic_log, stderr=subprocess.STDOUT)
+    print("$ ALIGNER_CRITIC_TOKEN=<random>", " ".join(critic_cmd), f"> {critic_log.name} &", flush=True)
+    critic = subprocess.Popen(critic_cmd, cwd=REPO, stdout=critic_log, stderr=subprocess.STDOUT, env=token_env)
     try:
         from aligner.serving.client import CriticClient
 
-        client = CriticClient("127.0.0.1", port, total_timeout_s=300)
+        client = CriticClient("127.0.0.1", port, token=token, total_timeout_s=300)
         client.wait_until_ready(300)
         print(f"critic server ready on 127.0.0.1:{port} (health: {client.health()})", flush=True)
         run("train_gpt_ppo_actor.py", [tok, f"exp_manager.explicit_log_dir={out / 'ppo'}",
@@ -86,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
                                        f"pretrained_checkpoint.restore_from_path={out / 'sft'}",
                                        f"remote_critic_rm.critic.port={port}",
                                        f"model.data.train_ds.file_path={data / 'prompts_train.jsonl'}",
-                                       f"model.data.validation_ds.file_path={data / 'prompts_val.jsonl'}"])
+                                       f"model.data.validation_ds.file_path={data / 'prompts_val.jsonl'}"],
+            env=token_env)
     finally:
         critic.send_signal(signal.SIGTERM)
         try:
