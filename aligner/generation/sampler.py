@@ -31,8 +31,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
+from aligner.distributed.collectives import broadcast_tensor_parallel
 from aligner.generation.output import GenerationOutput
 from aligner.generation.params import LENGTH_KEY, SAMPLING_KEY, SamplingParams
 from aligner.generation.sampling import sample_next, suppress_eos_, token_logprobs
@@ -162,7 +162,7 @@ class KVCacheSampler:
                 eos_column = suppress_eos_(work, self.eos_id, response_lengths < params.min_length)
             # Drawn for every row on every step (see sample_next); rows that are still reading
             # their prompt or are finished ignore theirs.
-            sampled = _agree_across_tensor_parallel(sample_next(work, params, generator))
+            sampled = broadcast_tensor_parallel(sample_next(work, params, generator))
             if any_generating:
                 tokens[:, length] = torch.where(generating, sampled, tokens[:, length])
                 step_logprobs = token_logprobs(work, sampled, logsumexp, self.eos_id, eos_column)
@@ -271,20 +271,6 @@ def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
-
-
-def _agree_across_tensor_parallel(tokens: torch.Tensor) -> torch.Tensor:
-    """Every TP rank takes the TP source rank's tokens [B] (in place; returned for chaining)."""
-    from megatron.core import parallel_state
-
-    if not (dist.is_available() and dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
-        return tokens
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return tokens
-    tokens = tokens.contiguous()
-    dist.broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(),
-                   group=parallel_state.get_tensor_model_parallel_group())
-    return tokens
 
 
 def _unwrap(model):

@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from aligner.distributed.collectives import as_bytes, gather_rows, split_rows
+
 _MAGIC = 0x414C4E52  # "ALNR": catches ranks that fell out of step with the command stream
 _PREAMBLE_LEN = 6
 
@@ -60,11 +62,6 @@ def _group_src(group: dist.ProcessGroup | None) -> int:
     return dist.get_global_rank(group, 0) if group is not None else 0
 
 
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """Flat uint8 view of a contiguous tensor's storage (0-d and bool included)."""
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
-
-
 def send_command(
     command: Command,
     tensors: Mapping[str, torch.Tensor] | None = None,
@@ -87,7 +84,7 @@ def send_command(
         if tensor.dtype not in _DTYPE_CODES:
             raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which followers cannot receive")
         spec += [_DTYPE_CODES[tensor.dtype], tensor.dim(), *tensor.shape]
-        data_parts.append(_as_bytes(tensor.detach().to("cpu")))
+        data_parts.append(as_bytes(tensor.detach().to("cpu")))
     text = json.dumps({"names": names, "metadata": dict(metadata or {})}).encode("utf-8")
     data = torch.cat(data_parts) if data_parts else torch.empty(0, dtype=torch.uint8)
 
@@ -213,61 +210,6 @@ def follower_loop(
         handled += 1
 
 
-# --------------------------------------------------------------------------------------------
-# Data-parallel shares
-# --------------------------------------------------------------------------------------------
-
-
-def split_for_rank(
-    tensors: Mapping[str, torch.Tensor], rank: int, world: int
-) -> tuple[Tensors, int]:
-    """This rank's rows of a batch, padded so every rank gets the same count.
-
-    Every tensor's dim 0 is the batch B. Each rank gets ceil(B / world) rows (rank-major);
-    rows past B repeat row B-1, so padded rows are valid inputs (lengths >= 1) and collectives
-    see equal shapes. Returns (share, number of real rows in it).
-    """
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in 0..{world - 1}")
-    batch = _batch_size(tensors)
-    per_rank = -(-batch // world)
-    start = rank * per_rank
-    real = max(0, min(per_rank, batch - start))
-    rows = torch.arange(start, start + per_rank).clamp(max=batch - 1)
-    return {name: tensor.index_select(0, rows.to(tensor.device)) for name, tensor in tensors.items()}, real
-
-
-def gather_from_ranks(
-    share: Mapping[str, torch.Tensor], batch_size: int, group: dist.ProcessGroup | None = None
-) -> Tensors:
-    """Inverse of split_for_rank: all-gather every rank's share and drop the padding rows.
-
-    Shares must have equal shapes on all ranks (split_for_rank guarantees it). Returns the
-    full [batch_size, ...] tensors on every rank. Sent as bytes so any dtype works on gloo.
-    """
-    world = dist.get_world_size(group)
-    out: Tensors = {}
-    for name in sorted(share):  # same order on every rank
-        tensor = share[name].contiguous()
-        raw = _as_bytes(tensor)
-        pieces = [torch.empty_like(raw) for _ in range(world)]
-        dist.all_gather(pieces, raw, group=group)
-        full = torch.cat([p.view(tensor.dtype).reshape(tensor.shape) for p in pieces], dim=0)
-        out[name] = full[:batch_size]
-    return out
-
-
-def _batch_size(tensors: Mapping[str, torch.Tensor]) -> int:
-    sizes = {}
-    for name, tensor in tensors.items():
-        if tensor.dim() == 0:
-            raise ValueError(f"tensor {name!r} is 0-d; every tensor to split needs a batch dim 0")
-        sizes[name] = tensor.shape[0]
-    if not sizes:
-        raise ValueError("nothing to split: no tensors")
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"tensors disagree on the batch size (dim 0): {sizes}")
-    batch = next(iter(sizes.values()))
-    if batch == 0:
-        raise ValueError("cannot split an empty batch (B = 0)")
-    return batch
+# Data-parallel shares: the critic job's names for the shared row collectives.
+split_for_rank = split_rows
+gather_from_ranks = gather_rows

@@ -16,12 +16,12 @@ import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from aligner.compat import megatron_cpu
+from aligner.distributed.collectives import broadcast_tensor_parallel
 from aligner.distributed.setup import initialize
 from aligner.generation import sampling
 from aligner.generation.output import GenerationOutput
 from aligner.generation.params import SamplingParams
-from aligner.generation.sampler import KVCacheSampler, _agree_across_tensor_parallel, _make_generator, \
-    _recomputed_logits, _unwrap
+from aligner.generation.sampler import KVCacheSampler, _make_generator, _recomputed_logits, _unwrap
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import build_gpt
 
@@ -115,7 +115,7 @@ class LegacySampler(KVCacheSampler):
             if self.vocab_size is not None:
                 logits = logits[..., : self.vocab_size]
             allowed = legacy_suppress_eos(logits, self.eos_id, response_lengths, params.min_length)
-            sampled = _agree_across_tensor_parallel(legacy_sample_next(allowed, params, generator))
+            sampled = broadcast_tensor_parallel(legacy_sample_next(allowed, params, generator))
             generating = (length >= prompt_lengths) & ~done
             if bool(generating.any()):
                 tokens[:, length] = torch.where(generating, sampled, tokens[:, length])
