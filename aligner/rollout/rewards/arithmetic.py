@@ -1,0 +1,42 @@
+"""Exact-match reward for the built-in arithmetic task (``aligner.data.prep.arithmetic``).
+
+Config::
+
+    reward:
+      functions:
+        - path: aligner.rollout.rewards.arithmetic:exact_match
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def first_integer(text: str) -> Optional[int]:
+    """The first integer written in ``text`` (an optional minus sign, then digits), or None.
+
+    ``" 85<eos>"`` -> 85, ``"-12 apples"`` -> -12, ``"x=4, y=5"`` -> 4, ``"none"`` -> None.
+    """
+    match = _INTEGER.search(text)
+    return int(match.group()) if match else None
+
+
+def exact_match(prompts: Sequence[str], responses: Sequence[str], answer: Sequence[object], **_) -> list[float]:
+    """1.0 where the first integer of the response equals the row's ``answer``, else 0.0.
+
+    Args:
+        prompts: the problems, e.g. ``"37+48="`` (unused; part of the reward-function calling
+            convention).
+        responses: the generated texts.
+        answer: the correct results (int, or a string holding one), aligned with ``responses``.
+    Returns:
+        one float per response. A response without any integer scores 0.0, not None: it is a
+        wrong answer, not an unscorable one.
+    """
+    scores = []
+    for response, expected in zip(responses, answer):
+        got = first_integer(response)
+        scores.append(1.0 if got is not None and got == int(str(expected).strip()) else 0.0)
+    return scores
