@@ -12,6 +12,8 @@ Points in the code (grep ``fault_point(``):
   actor.generate        the actor is generating a step's rollouts
   actor.update          the actor is in its policy update
   checkpoint.before_commit  a checkpoint's files are written, its COMPLETE marker is not
+  train.after_step      the shared SFT/RM/DPO loop finished an optimizer step (metrics logged,
+                        validation and checkpoint done if due), before the next batch
 """
 from __future__ import annotations
 

@@ -112,7 +112,9 @@ def attach_reference_logprobs(run: Run, reference: ParkedWeights, micro_batches:
 
 
 def train(cfg: DictConfig, schema) -> dict:
-    run = Run(cfg, "dpo", schema)
+    # Resumed only after the reference is parked: parking the live initial weights needs no
+    # rebuild, and rebuilding after a resume would re-seed the RNG streams the checkpoint restored.
+    run = Run(cfg, "dpo", schema, resume=False)
     try:
         dpo = cfg.model.dpo
         loss = PreferenceLoss(
@@ -120,8 +122,8 @@ def train(cfg: DictConfig, schema) -> dict:
             average_log_probs=bool(dpo.preference_average_log_probs), sft_loss_weight=float(dpo.sft_loss_weight),
             preference_loss_weight=float(dpo.preference_loss_weight), gt_reward_scale=float(dpo.gt_reward_scale),
         )
-        # Parked before any resume: the reference is always the initial policy.
-        reference = park_initial_weights(run)
+        reference = park_initial_weights(run)  # the initial policy, captured before any resume
+        run.resume_latest()
         data = comparison_loop_data(cfg, run)
 
         def prepare(micro_batches: list[dict], training: bool) -> list[dict]:

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from aligner.faults import fault_point
 from aligner.training.plots import plot_curves
 from aligner.training.run import Run
 from aligner.training.step import MicroBatchLoss, evaluate, train_step
@@ -126,6 +127,7 @@ def fit(run: Run, loss: MicroBatchLoss, data: LoopData, plot_keys: Sequence[str]
             validate()
         if save_every and run.step % save_every == 0 and run.step < run.max_steps:
             run.save_checkpoint({"sampler": sampler.state_dict()})
+        fault_point("train.after_step")
     bar.close()
     if val_every and run.step % val_every != 0:
         validate()
