@@ -46,6 +46,7 @@ def install() -> bool:
         if not _installed:
             _patch_torch_cuda()
             _patch_megatron_rng()
+            _patch_megatron_moe_splits()
             _silence_cpu_rng_warning()
             _installed = True
     enable_in_current_thread()
@@ -123,6 +124,22 @@ def _patch_megatron_rng() -> None:
     tp_random._set_cuda_rng_state = (
         lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     )
+
+
+def _patch_megatron_moe_splits() -> None:
+    # The MoE all-to-all dispatcher turns its split sizes into host numpy arrays only when they
+    # are CUDA tensors; on CPU they stay tensors, which all_to_all_single rejects (expert parallelism).
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
 
 
 def _silence_cpu_rng_warning() -> None:

@@ -7,7 +7,9 @@ For each HF directory (names ending in _lm: causal LM, _score: classifier):
         tokens, export with save_hf to OUT_ROOT/tp2/<name>; rank 0 checks the export holds
         exactly the original tensors.
   PP=2: load each stage (layers offset by stage), export to OUT_ROOT/pp2/<name>, same check.
-Prints one `max_abs_diff` line per rank and directory.
+  EP=2 (mixture-of-experts directories only, TP=1): each rank holds half of the experts; same
+        logit comparison and export check (OUT_ROOT/ep2/<name>).
+Prints one `max_abs_diff` line per rank and directory for TP=2, and for EP=2.
 """
 import os
 import sys
@@ -50,22 +52,39 @@ def reference_output(path: Path, scalar: bool, tokens: torch.Tensor) -> torch.Te
         return hf(tokens).logits
 
 
-def tp2(path: Path, out_root: Path, rank: int) -> None:
+def compare_and_export(path: Path, out_dir: Path, rank: int, label: str, tensor_parallel: int) -> None:
+    """Load at the current layout, compare with transformers, export to out_dir and check it."""
     scalar = path.name.endswith("_score")
     config = convert.model_config_from_hf(path)
-    model = build_gpt(config, torch.float32, tensor_parallel=2, scalar_head=scalar).eval()
+    model = build_gpt(config, torch.float32, tensor_parallel=tensor_parallel, scalar_head=scalar).eval()
     convert.load_hf_weights(path, model, config, scalar_head=scalar)
+    if config.num_experts:
+        from megatron.core import parallel_state
+
+        held = len(model.decoder.layers[0].mlp.experts.local_experts)
+        assert held == config.num_experts // parallel_state.get_expert_model_parallel_world_size(), held
     tokens = tokens_for(config.vocab_size)
     with torch.no_grad():
         ours = model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
     want = reference_output(path, scalar, tokens)
     assert ours.shape == want.shape, (ours.shape, want.shape)
     diff = (ours - want).abs().max().item()
-    print(f"rank {rank} tp=2 {path.name} max_abs_diff={diff:.3e}", flush=True)
+    print(f"rank {rank} {label} {path.name} max_abs_diff={diff:.3e}", flush=True)
     assert diff < TOL, (path.name, diff)
-    export = convert.save_hf(model, config, out_root / "tp2" / path.name, scalar_head=scalar)
+    export = convert.save_hf(model, config, out_dir / path.name, scalar_head=scalar)
     if rank == 0:
         check_export_equals(path, export)
+
+
+def tp2(path: Path, out_root: Path, rank: int) -> None:
+    compare_and_export(path, out_root / "tp2", rank, "tp=2", tensor_parallel=2)
+
+
+def ep2(path: Path, out_root: Path, rank: int) -> None:
+    from megatron.core import parallel_state
+
+    assert parallel_state.get_expert_model_parallel_world_size() == 2
+    compare_and_export(path, out_root / "ep2", rank, "ep=2", tensor_parallel=1)
 
 
 def pp2(path: Path, out_root: Path, rank: int) -> None:
@@ -84,6 +103,15 @@ def pp2(path: Path, out_root: Path, rank: int) -> None:
         check_export_equals(path, export)
 
 
+def expert_parallel_layout() -> None:
+    """TP=1, PP=1, EP=2 over the two processes (what model.expert_model_parallel_size=2 asks for)."""
+    from megatron.core import parallel_state
+
+    dist_setup.initialize(1, 1, seed=3)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=2)
+
+
 def main() -> None:
     out_root, dirs = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
     layout = dist_setup.initialize(2, 1, seed=3)
@@ -93,6 +121,11 @@ def main() -> None:
     layout = dist_setup.initialize(1, 2, seed=3)
     for path in dirs:
         pp2(path, out_root, layout.rank)
+    moe = [path for path in dirs if convert.model_config_from_hf(path).num_experts]
+    if moe:
+        expert_parallel_layout()
+        for path in moe:
+            ep2(path, out_root, layout.rank)
     dist.barrier()
     dist_setup.shutdown()
 
