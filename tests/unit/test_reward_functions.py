@@ -184,11 +184,17 @@ def test_workers_stop_on_close():
 
 def test_workers_die_with_a_killed_parent(tmp_path):
     """SIGKILL leaves the parent no chance to clean up: the workers must go on their own."""
+    # One worker idle, one inside time.sleep(1000) in the middle of a call (it will never read
+    # its stdin again, so only the kernel's parent-death signal can stop it).
     script = textwrap.dedent(f"""
-        import sys, time
+        import sys, threading, time
         sys.path.insert(0, {os.getcwd()!r})
         from aligner.rollout.reward_functions import RewardFunctions, parse_reward_functions
         fns = RewardFunctions(parse_reward_functions(["{FIX}:ones", "{FIX}:sleeps"]), timeout_s=600)
+        threading.Thread(target=fns, args=(["p"], ["r"]), daemon=True).start()
+        while not all(w.ready for w in fns._workers):
+            time.sleep(0.05)
+        time.sleep(0.5)  # the request is written right after the workers are ready
         print(" ".join(str(w.proc.pid) for w in fns._workers), flush=True)
         time.sleep(600)
     """)
