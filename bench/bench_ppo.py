@@ -15,7 +15,8 @@ gamma 1, lambda 0.95, ratio clip 0.2, value clip 0.2, advantages whitened.
 
 Both sides run as their users run them, each its own native loop, in separate processes:
 
-* aligner: the real `aligner.trainers.ppo_actor.train()` (conf/gpt_ppo_actor.yaml + overrides)
+* aligner: the real PPO engine (`aligner.trainers.ppo_actor.build_engine`, conf/gpt_ppo_actor.yaml +
+  overrides), stepped through `RolloutEngine.step()`
   in one process, and the real critic server (examples/nlp/gpt/serve_ppo_critic.py, critic and
   RM combined, RM weights parked and swapped in) in another, over HTTP. Every step: generate
   with the KV-cache sampler -> critic/RM infer fired -> actor log-probs -> reference log-probs
@@ -273,51 +274,44 @@ def aligner_child(args, channel: Channel) -> None:
     driver = BlockDriver(channel)
     tokens = torch.tensor(spec["check_tokens"])
 
-    class BenchActor(ppo_actor.PPOActor):
-        """The library's actor, with two hooks: a sanity check + wait before the loop, and a
-        step-boundary callback on the metrics logger (one `log` per PPO step)."""
-
-        def __init__(self, cfg, schema):
-            super().__init__(cfg, schema)
-            log = self.run.metrics.log
-
-            def logged(step, metrics):
-                log(step, metrics)
-                if "timing/step_s" in metrics:
-                    driver.step_done({k: float(v) for k, v in metrics.items()
-                                      if k.startswith(("timing/", "throughput/", "train/updates"))})
-
-            self.run.metrics.log = logged
-
-        def check_critic_pairing(self):
-            super().check_critic_pairing()
-            channel.send(event="ready", sanity=aligner_sanity(self, tokens),
-                         threads=torch.get_num_threads())
-            driver.wait()
-
-    ppo_actor.PPOActor = BenchActor
-    ppo_actor.train(cfg, CONF_DIR / "gpt_ppo_actor.yaml")
+    # The library's engine, driven through its step() seam: a sanity check and a wait before the
+    # first step, and a step-boundary report after each.
+    engine = ppo_actor.build_engine(cfg, CONF_DIR / "gpt_ppo_actor.yaml")
+    run = engine.run
+    try:
+        engine.algorithm.resumed(engine)
+        channel.send(event="ready", sanity=aligner_sanity(engine, tokens), threads=torch.get_num_threads())
+        driver.wait()
+        while run.step < run.max_steps:
+            metrics = engine.step()
+            run.metrics.log(run.step, metrics)
+            driver.step_done({k: float(v) for k, v in metrics.items()
+                              if k.startswith(("timing/", "throughput/", "train/updates"))})
+    finally:
+        engine.algorithm.close()
+        run.finish()
     channel.send(event="exit")
 
 
 @torch.no_grad()
-def aligner_sanity(actor, tokens: torch.Tensor) -> dict:
-    from aligner.trainers.ppo_actor import Rollouts, response_mask
+def aligner_sanity(engine, tokens: torch.Tensor) -> dict:
+    from aligner.objectives.masks import response_mask
+    from aligner.rollout.batch import Rollouts
 
     n, width = tokens.shape
     lengths = torch.full((n,), width)
     prompt_lengths = torch.full((n,), PROMPT_LEN)
     rollouts = Rollouts(tokens=tokens, lengths=lengths, prompt_lengths=prompt_lengths,
                         is_end=torch.zeros(n, dtype=torch.bool), mask=response_mask(prompt_lengths, lengths, width),
-                        generator_logprobs=torch.zeros(n, width))
+                        generator_logprobs=torch.zeros(n, width), group=torch.arange(n), prompt_index=torch.arange(n))
     response = slice(PROMPT_LEN - 1, width - 1)  # positions predicting the response tokens
-    logprobs = actor.logprobs(rollouts)[:, response]
-    with actor.reference.swapped_in(actor.run.model):
-        ref_logprobs = actor.logprobs(rollouts)[:, response]
-    scored = actor.critic.infer(tokens, lengths)
+    logprobs = engine.logprobs(rollouts)[:, response]
+    with engine.reference.swapped_in(engine.run.model):
+        ref_logprobs = engine.logprobs(rollouts)[:, response]
+    scored = engine.algorithm.critic.infer(tokens, lengths)
     return {"logprobs": _tensor_list(logprobs), "ref_logprobs": _tensor_list(ref_logprobs),
             "values": _tensor_list(scored["values"][:, response]), "rewards": _tensor_list(scored["rewards"]),
-            "prompt_ids": [actor.prompts[i]["prompt_tokens"].tolist() for i in range(len(actor.prompts))]}
+            "prompt_ids": [engine.prompts[i]["prompt_tokens"].tolist() for i in range(len(engine.prompts))]}
 
 
 # ---------------------------------------------------------------------------------- TRL child

@@ -1,7 +1,8 @@
 """Prompts for on-policy generation (PPO rollouts, evaluation samples).
 
 Records are ``{"prompt": str}``; ``{"text": str}`` and ``{"input": str}`` are accepted as
-synonyms so SFT and NeMo-style files can be reused. Other fields are ignored.
+synonyms so SFT and NeMo-style files can be reused. Other fields (e.g. an arithmetic task's
+``answer``) travel with the prompt as ``fields``: reward functions receive them.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from aligner.data.tokenizer import Tokenizer
 from aligner.data.truncation import apply_prompt_template, check_prompt_template, check_truncation_mode, log_length_filtering
 
 PROMPT_KEYS = ("prompt", "text", "input")
+
+
+def prompt_key(record: dict) -> str | None:
+    return next((key for key in PROMPT_KEYS if key in record), None)
 
 
 def read_prompt(record: dict, path: str, line: int) -> str:
@@ -35,7 +40,7 @@ def read_prompt(record: dict, path: str, line: int) -> str:
 class PromptDataset(Dataset):
     """Tokenized prompts, all held in memory.
 
-    Item: ``{"prompt_tokens": LongTensor[P], "text": str, "index": int}`` where ``text`` is
+    Item: ``{"prompt_tokens": LongTensor[P], "text": str, "index": int, "fields": dict}`` where ``text`` is
     the prompt as written in the file (before the template) and ``index`` is the item's
     position in this dataset (stable across runs, usable to join generations back to
     prompts).
@@ -63,7 +68,7 @@ class PromptDataset(Dataset):
         self.prompt_template = check_prompt_template(prompt_template)
         self.num_truncated = 0
         self.num_dropped = 0
-        self._items: List[Tuple[torch.Tensor, str]] = []
+        self._items: List[Tuple[torch.Tensor, str, dict]] = []
 
         total = 0
         for line, record in iter_jsonl(self.path):
@@ -80,7 +85,9 @@ class PromptDataset(Dataset):
                     continue
                 ids = ids[len(ids) - keep:]
                 self.num_truncated += 1
-            self._items.append((torch.tensor(bos + ids, dtype=torch.long), text))
+            key = prompt_key(record)
+            self._items.append((torch.tensor(bos + ids, dtype=torch.long), text,
+                                {k: v for k, v in record.items() if k != key}))
 
         log_length_filtering(
             self.path, total, self.num_truncated, self.num_dropped, self.max_prompt_length, self.truncation,
@@ -94,5 +101,5 @@ class PromptDataset(Dataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, str, int]]:
-        tokens, text = self._items[index]
-        return {"prompt_tokens": tokens, "text": text, "index": int(index)}
+        tokens, text, fields = self._items[index]
+        return {"prompt_tokens": tokens, "text": text, "index": int(index), "fields": fields}

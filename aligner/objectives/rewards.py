@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from aligner.objectives.masked import compute_dtype
+from aligner.objectives.ppo import last_token_index
 
 
 def standardize_rewards(rewards: torch.Tensor, stats: Optional[Tuple[float, float]]) -> torch.Tensor:
@@ -54,3 +55,26 @@ def overlong_reward_penalty(
     dtype = compute_dtype(response_lengths) if response_lengths.is_floating_point() else torch.float32
     excess = response_lengths.to(dtype) - (max_response_length - buffer_length)
     return -penalty_factor * (excess / buffer_length).clamp(0.0, 1.0)
+
+
+def kl_shaped_token_rewards(
+    scalar_rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards ``-kl_coef * kl`` on the response tokens, plus each sequence's reward on
+    its last response token (verl's ``use_kl_in_reward``; ``ppo.shape_rewards`` with any KL
+    estimator from ``kl.token_kl``).
+
+    Args:
+        scalar_rewards: ``[batch]``.
+        kl: ``[batch, T]`` per-token KL estimates (``kl.token_kl``).
+        mask: ``[batch, T]``, 1 on response tokens.
+        kl_coef: the penalty's weight (0 gives the plain outcome reward).
+    Returns:
+        ``[batch, T]``, 0 outside the mask; a row with an empty mask gets nothing.
+    """
+    dtype = compute_dtype(scalar_rewards, kl)
+    mask_f = (mask != 0).to(dtype)
+    token_rewards = -kl_coef * kl.to(dtype) * mask_f
+    last = last_token_index(mask)
+    score = (scalar_rewards.to(dtype) * (last >= 0).to(dtype)).unsqueeze(-1)
+    return token_rewards.scatter_add(-1, last.clamp(min=0).unsqueeze(-1), score)

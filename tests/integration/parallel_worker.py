@@ -4,6 +4,9 @@ modes:
   init   OUT          TP=1: build a tiny Llama, save a native checkpoint and reference logits
   logits CKPT REF     load CKPT at TP=world, compare gathered logits with REF (max abs diff printed)
   step   CKPT OUT     load CKPT at DP=world, one optimizer step on a fixed global batch, save weights
+  policy CKPT OUT MICRO MODE
+                      the same with the rollout engine's policy loss (clipped ratio, entropy bonus,
+                      loss_agg_mode MODE) in micro-batches of MICRO rows on each rank
 """
 import sys
 
@@ -75,6 +78,31 @@ def main() -> None:
             handle.write(repr(metrics["loss"]))
         if layout.rank == 0:
             save_file(full_state(ddp), args[1])
+    elif mode == "policy":
+        from aligner.rollout.engine import PolicyLoss, UpdateSettings
+
+        ddp = wrap_data_parallel(model, SETTINGS)
+        optimizer, scheduler = build_optimizer(ddp, SETTINGS, torch.float32)
+        checkpoint.load(args[0], ddp, optimizer, load_rng=False)
+        gen = torch.Generator().manual_seed(3)
+        tokens = fixed_tokens(GLOBAL_BATCH)
+        mask = torch.zeros(GLOBAL_BATCH, SEQ)
+        for row, (start, stop) in enumerate([(3, 15), (5, 9), (2, 15), (7, 8), (4, 12), (3, 4), (6, 15), (2, 10)]):
+            mask[row, start:stop] = 1  # responses of very different lengths: normalisation matters
+        batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, dims=1), "policy_mask": mask,
+                 "old_logprobs": -4.0 - torch.rand(GLOBAL_BATCH, SEQ, generator=gen),
+                 "advantages": torch.randn(GLOBAL_BATCH, SEQ, generator=gen)}
+        per_rank = GLOBAL_BATCH // layout.data_parallel
+        rows = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
+        loss = PolicyLoss(UpdateSettings(epochs=1, mini_batch_size=GLOBAL_BATCH, micro_batch_size=int(args[2]),
+                                         clip_ratio_low=0.2, clip_ratio_high=0.28, entropy_coef=0.01,
+                                         loss_agg_mode=args[3]))
+        train_step(ddp, optimizer, scheduler, loss,
+                   split_micro_batches({k: v[rows] for k, v in batch.items()}, int(args[2])))
+        # the gradients (summed over micro-batches and ranks, as the optimizer saw them) and the weights
+        grads = {f"grad.{name}": p.main_grad.detach().float().clone() for name, p in ddp.named_parameters()}
+        if layout.rank == 0:
+            save_file({**full_state(ddp), **grads}, args[1])
     dist_setup.shutdown()
 
 
