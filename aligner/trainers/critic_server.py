@@ -34,8 +34,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator
 
 import torch
@@ -321,6 +319,7 @@ class Heartbeat(_Periodic):
 
     def __init__(self, store, interval_s: float = HEARTBEAT_INTERVAL_S):
         self.store = store
+        self._warned = False
         store.add(HEARTBEAT_KEY, 1)  # the followers' first reading already sees rank 0 alive
         super().__init__("critic-heartbeat", interval_s, self._beat)
 
@@ -328,7 +327,9 @@ class Heartbeat(_Periodic):
         try:
             self.store.add(HEARTBEAT_KEY, 1)
         except Exception as exc:  # the store (torchrun's agent) is gone: the followers will notice too
-            log.warning("heartbeat: cannot reach the c10d store (%s)", exc)
+            if not self._warned:
+                self._warned = True
+                log.warning("heartbeat: cannot reach the c10d store (%s)", exc)
 
 
 class FollowerWatchdog(_Periodic):
@@ -344,19 +345,33 @@ class FollowerWatchdog(_Periodic):
         self.rank = rank
         self.timeout_s = follower_timeout_s() if timeout_s is None else float(timeout_s)
         self.on_dead = on_dead
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="critic-watchdog-read")
         self._last_value: int | None = None
         self._last_change = time.monotonic()
         super().__init__("critic-watchdog", interval_s, self._check)
 
+    def _read(self) -> tuple[str, Any]:
+        """("ok", value) | ("error", exception) | ("timeout", None), within timeout_s. A daemon
+        thread per read: one stuck in a dead connection never holds up the process's exit."""
+        result: list[tuple[str, Any]] = []
+
+        def read():
+            try:
+                result.append(("ok", self.store.add(HEARTBEAT_KEY, 0)))
+            except Exception as exc:
+                result.append(("error", exc))
+
+        reader = threading.Thread(target=read, name="critic-watchdog-read", daemon=True)
+        reader.start()
+        reader.join(self.timeout_s)
+        return result[0] if result else ("timeout", None)
+
     def _check(self) -> None:
-        try:
-            value = self._reader.submit(self.store.add, HEARTBEAT_KEY, 0).result(timeout=self.timeout_s)
-        except FutureTimeout:
+        kind, value = self._read()
+        if kind == "timeout":
             self._dead(f"the c10d store did not answer within {self.timeout_s:.0f} s")
             return
-        except Exception as exc:
-            self._dead(f"the c10d store is gone ({type(exc).__name__}: {exc})")
+        if kind == "error":
+            self._dead(f"the c10d store is gone ({type(value).__name__}: {value})")
             return
         now = time.monotonic()
         if value != self._last_value:
@@ -369,10 +384,6 @@ class FollowerWatchdog(_Periodic):
         self.on_dead(f"rank {self.rank}: rank 0 of the critic job is gone ({why}); exiting instead of waiting "
                      f"in a collective (exit code {WATCHDOG_EXIT_CODE}). Restart the whole critic job: it resumes "
                      "from its last checkpoint")
-
-    def stop(self) -> None:
-        super().stop()
-        self._reader.shutdown(wait=False)
 
 
 class ParentWatch(_Periodic):
