@@ -110,6 +110,10 @@ class ModelConfig:
                 f"{self.rope_low_freq_factor}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             bad("sliding_window", f"must be a positive integer or null, got {self.sliding_window!r}")
+        if self.sliding_window is not None and self.attention_backend == "local":
+            # megatron's unfused attention builds its window mask on device "cuda" at every call,
+            # which fails on CPU inside the KV-cache sampler
+            bad("attention_backend", f"local does not support sliding_window={self.sliding_window} here; use sdpa")
         if self.num_experts is not None:
             if not isinstance(self.num_experts, int) or self.num_experts < 2:
                 bad("num_experts", f"must be an integer >= 2 or null, got {self.num_experts!r}")
