@@ -66,7 +66,8 @@ def latest_complete(root: str | os.PathLike) -> Path | None:
     return complete[-1][1] if complete else None
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """Every RNG stream of this rank (python, numpy, torch, CUDA, megatron's TP tracker)."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     state: dict[str, Any] = {
@@ -79,7 +80,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     random.setstate(state["python"])
@@ -135,7 +136,7 @@ def save(root: str | os.PathLike, step: int, model, optimizer, trainer_state: di
         (partial / "rng").mkdir()
     _barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(partial / "weights"))
-    torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
+    torch.save(rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     fault_point("checkpoint.before_commit")
     if _rank() == 0:
@@ -215,7 +216,7 @@ def load(path: str | os.PathLike, model, optimizer=None, load_rng: bool = True,
             optimizer.load_state_dict(loaded["optimizer"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if load_rng and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return state
 
 
