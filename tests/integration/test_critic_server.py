@@ -5,10 +5,14 @@ not zero). Then three servers start side by side: the combined critic+RM server 
 and under torchrun with data parallelism 2, and the reward model alone (serve_reward_model.py)
 under torchrun with tensor parallelism 2.
 Their answers are checked against a float64 re-implementation of the Llama forward pass that
-reads the RM's checkpoint files directly (no megatron), and against each other.
+reads the RM's checkpoint files directly (no megatron), and against each other. At the end the
+TP=2 job is stopped with SIGTERM (every rank exits 0) and the DP=2 job loses its rank 0 to
+SIGKILL (every process of the job is gone within a bounded time). The follower watchdog is also
+run on its own, in a two-rank gloo job without a model.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -39,6 +44,7 @@ TINY = ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=2"
         "model.global_batch_size=4"]
 CLIP = 0.2
 SINGLE_TOKEN, DP2_TOKEN = "single-secret", "dp2-secret"
+FOLLOWER_TIMEOUT_S = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,8 +279,9 @@ def servers(reward_model):
         "single": ServerProcess("single", SERVE_CRITIC, root,
                                 [*critic_overrides(reward_model), f"trainer.ppo.auth_token={SINGLE_TOKEN}"],
                                 token=SINGLE_TOKEN),
+        # token only from the environment; a short follower watchdog for the SIGKILL test
         "dp2": ServerProcess("dp2", SERVE_CRITIC, root, critic_overrides(reward_model), nproc=2, token=DP2_TOKEN,
-                             ALIGNER_CRITIC_TOKEN=DP2_TOKEN),
+                             ALIGNER_CRITIC_TOKEN=DP2_TOKEN, ALIGNER_FOLLOWER_TIMEOUT_S=str(FOLLOWER_TIMEOUT_S)),
         # tensor parallelism 2: both ranks compute halves of every layer on the same rows
         "rm": ServerProcess("rm", SERVE_RM, root, [f"pretrained_checkpoint.restore_from_path={reward_model['run_dir']}",
                                                    "trainer.rm_server.inference_micro_batch_size=2",
@@ -334,15 +341,19 @@ def test_reward_model_server_alone(servers, reward_model, rm_weights):
                           "prev_values": torch.zeros(7, 9), "mask": torch.ones(7, 9)}, "rm-train")
 
 
-def test_auth_token_required(servers):
-    client = servers["jobs"]["single"].client
-    anonymous = CriticClient(client.host, client.port, total_timeout_s=5)
-    try:
-        with pytest.raises(CriticRequestError) as info:
-            anonymous.infer(servers["tokens"], servers["lengths"])
-        assert info.value.status == 401
-    finally:
-        anonymous.close()
+@pytest.mark.parametrize("name", ["single", "dp2"])
+def test_auth_token_required(servers, name):
+    """single: token from trainer.ppo.auth_token; dp2: only from ALIGNER_CRITIC_TOKEN."""
+    client = servers["jobs"][name].client
+    for token, status in ((None, 401), ("not-the-token", 403)):
+        other = CriticClient(client.host, client.port, token=token, total_timeout_s=5)
+        try:
+            with pytest.raises(CriticRequestError) as info:
+                other.infer(servers["tokens"], servers["lengths"])
+            assert info.value.status == status
+        finally:
+            other.close()
+    assert client.infer(servers["tokens"], servers["lengths"])["values"].shape == servers["tokens"].shape
 
 
 def _train_request(servers, rm_weights, reward_model):
@@ -481,10 +492,125 @@ def test_save_restart_resume_exactly_once(servers, rm_weights, reward_model):
     assert restarted.terminate() == 0
 
 
-@pytest.mark.parametrize("name", ["dp2", "rm"])
-def test_sigterm_stops_all_ranks_with_exit_code_zero(servers, name):
-    job = servers["jobs"][name]
+def test_sigterm_stops_all_ranks_with_exit_code_zero(servers):
+    job = servers["jobs"]["rm"]  # TP=2: the same STOP path as any multi-rank job
     assert job.client.metrics()["handler"]["world_size"] == 2
     assert job.terminate() == 0, job.log_tail()
     assert "critic server stopping (SIGTERM)" in job.log_path.read_text()
     assert not job.ready_file.exists()
+
+
+def test_sigkill_of_rank0_ends_every_process_of_the_dp2_job(servers):
+    """Rank 0 dies without a word (SIGKILL): the follower must not wait in its broadcast for the
+    process group's 30-minute timeout, and no process of the job may be left behind. torchrun
+    would SIGKILL a follower that ignores its SIGTERM only after its own grace period (30 s);
+    the bound here is below that, so the follower left by itself (gloo's closed connection or
+    the watchdog, whichever comes first)."""
+    job = servers["jobs"]["dp2"]
+    client = job.client
+    assert client.metrics()["handler"]["world_size"] == 2
+    client.save(client.metrics()["handler"]["trained_step"], idempotency_key="dp2-save-before-kill")
+    launcher = psutil.Process(job.proc.pid)
+    processes = launcher.children(recursive=True)
+    rank0 = job.rank0_pid()
+    assert len(processes) >= 2 and rank0 in {p.pid for p in processes}
+    started = time.monotonic()
+    os.kill(rank0, signal.SIGKILL)
+    _, alive = psutil.wait_procs(processes, timeout=FOLLOWER_TIMEOUT_S + 12)
+    elapsed = time.monotonic() - started
+    assert not alive, ([(p.pid, p.cmdline()) for p in alive], job.log_tail())
+    assert elapsed < FOLLOWER_TIMEOUT_S + 12, elapsed
+    assert job.proc.wait(timeout=60) != 0
+    print(f"every rank gone {elapsed:.1f} s after the SIGKILL of rank 0")
+    job.close()
+
+
+WATCHDOG_WORKER = """
+import logging, os, sys, time
+import torch, torch.distributed as dist
+from aligner.trainers import critic_server as cs
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+store = cs._default_store()
+parent = cs.ParentWatch.if_launched_by_torchrun()
+if rank == 0:
+    beat = cs.Heartbeat(store)
+else:
+    watchdog = cs.FollowerWatchdog(store, rank, timeout_s=float(os.environ["TIMEOUT"]))
+dist.barrier()
+print(f"rank {rank} pid {os.getpid()} ready", flush=True)
+if rank == 0:
+    time.sleep(600)  # the test freezes or kills this rank, or the launcher
+else:
+    dist.broadcast(torch.zeros(1), src=0)  # never sent: only a watchdog ends this wait
+"""
+
+
+def _watchdog_job(tmp_path, timeout_s: float):
+    script = tmp_path / "watchdog_worker.py"
+    script.write_text(WATCHDOG_WORKER)
+    log = open(tmp_path / "watchdog.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", str(script)], stdout=log, stderr=subprocess.STDOUT,
+                            env=child_env(TIMEOUT=str(timeout_s)), cwd=str(REPO))
+    deadline = time.monotonic() + 120
+    pids = {}
+    while len(pids) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "watchdog.log").read_text()
+        for line in (tmp_path / "watchdog.log").read_text().splitlines():
+            if line.endswith(" ready") and line.startswith("rank "):
+                parts = line.split()
+                pids[int(parts[1])] = int(parts[3])
+        time.sleep(0.2)
+    return proc, log, pids
+
+
+def test_follower_watchdog_exits_when_rank0_stops_beating(tmp_path):
+    """Rank 0 frozen (SIGSTOP: its connections stay open, so no collective fails): the follower's
+    watchdog sees the heartbeat in torchrun's store stop moving and exits with its own code."""
+    from aligner.trainers.critic_server import WATCHDOG_EXIT_CODE
+
+    proc, log, pids = _watchdog_job(tmp_path, timeout_s=3)
+    try:
+        follower = psutil.Process(pids[1])
+        time.sleep(4)  # beating: the watchdog must not fire while rank 0 is alive
+        assert follower.is_running() and follower.status() != psutil.STATUS_ZOMBIE
+        started = time.monotonic()
+        os.kill(pids[0], signal.SIGSTOP)
+        psutil.wait_procs([follower], timeout=15)
+        elapsed = time.monotonic() - started
+        assert not follower.is_running() or follower.status() == psutil.STATUS_ZOMBIE
+        assert 2 < elapsed < 12, elapsed
+        os.kill(pids[0], signal.SIGKILL)
+        proc.wait(timeout=60)
+        text = (tmp_path / "watchdog.log").read_text()
+        assert "rank 1: rank 0 of the critic job is gone (rank 0's heartbeat has not moved" in text, text[-3000:]
+        assert f"exitcode  : {WATCHDOG_EXIT_CODE}" in text or f"exit code {WATCHDOG_EXIT_CODE}" in text, text[-3000:]
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def test_every_rank_exits_when_torchrun_itself_is_killed(tmp_path):
+    """SIGKILL of the launcher: rank 0 (parent watch) and the follower (parent watch, or its
+    watchdog finding the agent's store gone) leave within seconds instead of serving forever."""
+    proc, log, pids = _watchdog_job(tmp_path, timeout_s=30)
+    try:
+        ranks = [psutil.Process(pid) for pid in pids.values()]
+        started = time.monotonic()
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(ranks, timeout=10)
+        assert not alive, (tmp_path / "watchdog.log").read_text()[-3000:]
+        print(f"both ranks gone {time.monotonic() - started:.1f} s after the launcher's SIGKILL")
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
