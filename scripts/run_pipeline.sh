@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec .venv/bin/python examples/nlp/gpt/run_movie_review_pipeline.py "$@"
+exec "${ALIGNER_VENV:-.venv}/bin/python" examples/nlp/gpt/run_movie_review_pipeline.py "$@"
