@@ -36,6 +36,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="SLURM test cluster needs root (slurmd runs jobs as their user)"),
     pytest.mark.skipif(not _nodes, reason="this host has fewer than two names that resolve (hostname, localhost) "
                        "for the two virtual SLURM nodes"),
+    pytest.mark.timeout(1200),  # the module's jobs run once, in the first test's fixtures
 ]
 
 TINY = ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=1", "model.num_attention_heads=2",
@@ -122,7 +123,7 @@ def jobs(cluster, tmp_path_factory):
                                      f"{sys.executable} -c 'import os; from aligner.distributed.launch_env import "
                                      f"detect_launch_env; detect_launch_env(os.environ)'"],
                                     cwd=work, **env, PYTHONPATH=str(REPO))
-    finished = cluster.wait(list(ids.values()), timeout=900)
+    finished = cluster.wait(list(ids.values()), timeout=800)
     elapsed = time.monotonic() - started
     print(f"\nSLURM jobs finished in {elapsed:.0f}s (data prep included); run times: " + ", ".join(
         f"{name} {finished[job_id].get('RunTime')}" for name, job_id in ids.items()))
