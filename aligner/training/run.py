@@ -75,7 +75,8 @@ class Run:
         self.loop_cfg = cfg.trainer[algorithm]
         tp = int(cfg.model.tensor_model_parallel_size)
         pp = int(cfg.model.pipeline_model_parallel_size)
-        self.layout = dist_setup.initialize(tp, pp, seed=int(cfg.model.seed))
+        self.layout = dist_setup.initialize(tp, pp, seed=int(cfg.model.seed), devices=cfg.trainer.get("devices"),
+                                            num_nodes=cfg.trainer.get("num_nodes"))
         configure_logging(self.layout.rank)
         if os.environ.get("ALIGNER_NUM_THREADS"):
             torch.set_num_threads(int(os.environ["ALIGNER_NUM_THREADS"]))
