@@ -54,7 +54,7 @@ from aligner.training.offload import OptimizerStateOffloader
 from aligner.training.plots import plot_curves
 from aligner.training.reference import park_initial_weights
 from aligner.training.run import Run
-from aligner.training.step import collect_forward, mean_metric, train_step
+from aligner.training.step import ForwardOnly, collect_forward, mean_metric, train_step
 
 log = logging.getLogger("aligner.rollout")
 
@@ -133,20 +133,15 @@ class Algorithm(Protocol):
 
 
 # ----------------------------------------------------------------------------- model passes
-class TokenLogProbs:
-    """Forward-only: per-token log-probs [B,S] (index t = log p(token t+1))."""
+class TokenLogProbs(ForwardOnly):
+    """Per-token log-probs [B,S] (index t = log p(token t+1))."""
 
-    metric_names = ()
-
-    def forward(self, model, batch):
+    def run(self, model, batch):
         tokens = batch["tokens"]
-        logits = model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
+        return model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
 
-        def loss_fn(logits):
-            logprobs = token_logprobs_from_logits(logits.float(), batch["labels"])
-            return torch.zeros(()), torch.tensor(1), {"logprobs": logprobs.detach()}
-
-        return logits, loss_fn
+    def outputs(self, logits, batch):
+        return {"logprobs": token_logprobs_from_logits(logits.float(), batch["labels"]).detach()}
 
 
 class PolicyLoss:

@@ -55,6 +55,7 @@ from omegaconf import DictConfig
 from aligner.models.gpt import position_ids_for
 from aligner.models.weight_swap import ParkedWeights
 from aligner.objectives.ppo import clipped_value_loss
+from aligner.objectives.rewards import standardize_rewards
 from aligner.faults import fault_point
 from aligner.serving.followers import gather_from_ranks, split_for_rank
 from aligner.serving.protocol import ProtocolError
@@ -62,7 +63,7 @@ from aligner.trainers.reward_model import last_token_values
 from aligner.training import checkpoint
 from aligner.training.config_check import ConfigError
 from aligner.training.run import Run
-from aligner.training.step import collect_forward, split_micro_batches, train_step
+from aligner.training.step import ForwardOnly, collect_forward, split_micro_batches, train_step
 
 log = logging.getLogger("aligner.critic")
 
@@ -80,23 +81,19 @@ def length_mask(lengths: torch.Tensor, seq: int) -> torch.Tensor:
     return torch.arange(seq, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-class TokenValues:
-    """Forward-only: hands back the head's output per position, ``values`` [mb, S] float32,
-    zero beyond each row's length (used for critic values and, with RM weights, rewards)."""
+class TokenValues(ForwardOnly):
+    """The head's output per position, ``values`` [mb, S] float32, zero beyond each row's length
+    (critic values and, with RM weights, rewards)."""
 
-    metric_names = ()
-
-    def forward(self, model, batch):
+    def run(self, model, batch):
         tokens = batch["tokens"]
-        output = model(tokens, position_ids_for(tokens), None)
+        return model(tokens, position_ids_for(tokens), None)
 
-        def loss_fn(output):
-            values = output.reshape(tokens.shape).float()
-            zero = torch.zeros((), device=values.device)
-            values = torch.where(length_mask(batch["lengths"], tokens.shape[1]), values, zero)
-            return zero, torch.ones((), dtype=torch.int, device=values.device), {"values": values}
-
-        return output, loss_fn
+    def outputs(self, output, batch):
+        tokens = batch["tokens"]
+        values = output.reshape(tokens.shape).float()
+        zero = torch.zeros((), device=values.device)
+        return {"values": torch.where(length_mask(batch["lengths"], tokens.shape[1]), values, zero)}
 
 
 class ClippedValueLoss:
@@ -170,14 +167,6 @@ def pad_rows(tensors: dict[str, torch.Tensor], multiple: int,
             filler = tensor[-1:].expand(missing, *tensor.shape[1:])
         out[name] = torch.cat([tensor, filler], dim=0)
     return out
-
-
-def standardize_rewards(rewards: torch.Tensor, stats: tuple[float, float] | None) -> torch.Tensor:
-    """(r - mean) / std, or r unchanged without stats."""
-    if stats is None:
-        return rewards
-    mean, std = stats
-    return (rewards - mean) / std
 
 
 def resolve_reward_standardization(enable: bool, mean: float | None, std: float | None,

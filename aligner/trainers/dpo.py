@@ -17,7 +17,7 @@ from aligner.trainers.reward_model import comparison_loop_data
 from aligner.training import loop
 from aligner.training.reference import park_initial_weights
 from aligner.training.run import Run
-from aligner.training.step import collect_forward, mean_metric
+from aligner.training.step import ForwardOnly, collect_forward, mean_metric
 
 
 def next_token_logits(model, batch) -> torch.Tensor:
@@ -26,26 +26,22 @@ def next_token_logits(model, batch) -> torch.Tensor:
     return model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
 
 
-class ReferenceLogProbs:
-    """Forward-only 'loss' handing back the reference's per-token log-probs [2B,S] and, for
-    validation, its whole next-token distribution (for the exact KL of the policy to it)."""
-
-    metric_names = ()
+class ReferenceLogProbs(ForwardOnly):
+    """The reference's per-token log-probs [2B,S] and, for validation, its whole next-token
+    distribution (for the exact KL of the policy to it)."""
 
     def __init__(self, keep_distribution: bool = False):
         self.keep_distribution = keep_distribution
 
-    def forward(self, model, batch):
-        output = next_token_logits(model, batch)
+    def run(self, model, batch):
+        return next_token_logits(model, batch)
 
-        def loss_fn(logits):
-            logits = logits.float()
-            out = {"token_logps": token_logprobs_from_logits(logits, batch["labels"])}
-            if self.keep_distribution:
-                out["log_probs_full"] = torch.log_softmax(logits, dim=-1)
-            return torch.zeros(()), torch.tensor(1), out
-
-        return output, loss_fn
+    def outputs(self, logits, batch):
+        logits = logits.float()
+        out = {"token_logps": token_logprobs_from_logits(logits, batch["labels"])}
+        if self.keep_distribution:
+            out["log_probs_full"] = torch.log_softmax(logits, dim=-1)
+        return out
 
 
 class PreferenceLoss:

@@ -27,6 +27,30 @@ class MicroBatchLoss(Protocol):
         """
 
 
+class ForwardOnly:
+    """A forward-only pass for ``collect_forward``: how to run the model on a micro-batch
+    (``run``) and what to hand back per row (``outputs``). There is no loss; megatron's schedule
+    still wants one, so a zero is returned in its place."""
+
+    metric_names: Sequence[str] = ()
+
+    def run(self, model, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def outputs(self, output: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, model, batch):
+        output = self.run(model, batch)
+
+        def loss_fn(output):
+            records = self.outputs(output, batch)
+            zero = torch.zeros((), device=output.device)
+            return zero, torch.ones((), dtype=torch.int, device=output.device), records
+
+        return output, loss_fn
+
+
 def mean_metric(mean: torch.Tensor, count) -> torch.Tensor:
     """A batch mean as tensor([sum, count]), so means over micro-batches and ranks stay exact."""
     count = torch.as_tensor(count, dtype=torch.float32)
