@@ -9,6 +9,20 @@ Three file formats, detected per file from the first record (mixing them is an e
 * NeMo alternating ``{"text": full_text}``: record ``2k`` is chosen, ``2k+1`` rejected.
   The prompt is not marked, so the longest common token prefix of the two texts is taken
   as the prompt (identical positions cancel in DPO's log-ratio anyway).
+
+With ``model.data.apply_chat_template=true`` the pairs are conversations rendered with the
+tokenizer's chat template, in the forms TRL and OpenRLHF use:
+
+* ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}``: the prompt
+  conversation, then each answer (usually one assistant message);
+* ``{"chosen": [conversation], "rejected": [conversation]}``: two whole conversations that
+  share every message but the last (TRL's implicit prompt);
+* a string ``prompt`` is one user message and a string answer one assistant message, so the
+  plain format above (and ReaLHF's) can be rendered through a chat template too.
+
+Each side's completion is its last message (which must be the assistant's) as the template
+renders it; everything before it, with the generation prompt, is the prompt. The alternating
+``{"text"}`` format has no roles and is refused.
 """
 from __future__ import annotations
 
@@ -19,6 +33,13 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import Dataset
 
+from aligner.data.chat import (
+    CHAT_TEMPLATE_KEY,
+    conversation_hint,
+    read_conversation_field,
+    render_completion,
+    require_chat_template,
+)
 from aligner.data.errors import DataFormatError
 from aligner.data.jsonl import PathLike, iter_jsonl
 from aligner.data.tokenizer import Tokenizer
@@ -51,8 +72,25 @@ def _string_field(record: dict, key: str, path: str, line: int) -> str:
         raise DataFormatError(path, f"missing field {key!r}; the record has {sorted(record)}", line)
     value = record[key]
     if not isinstance(value, str):
-        raise DataFormatError(path, f"field {key!r} must be a string, got {type(value).__name__}", line)
+        raise DataFormatError(
+            path, f"field {key!r} must be a string, got {type(value).__name__}{conversation_hint(record)}", line
+        )
     return value
+
+
+def _chat_pair(record: dict, path: str, line: int) -> Tuple[list, list]:
+    """Whole chosen and rejected conversations of one record in a TRL/OpenRLHF chat form."""
+    chosen = read_conversation_field(record, "chosen", "assistant", path, line)
+    rejected = read_conversation_field(record, "rejected", "assistant", path, line)
+    if "prompt" in record:
+        prompt = read_conversation_field(record, "prompt", "user", path, line)
+        return prompt + chosen, prompt + rejected
+    if chosen[:-1] != rejected[:-1]:
+        raise DataFormatError(
+            path, "without a 'prompt' field, 'chosen' and 'rejected' must be the same conversation up to their "
+            "last (assistant) message", line,
+        )
+    return chosen, rejected
 
 
 def _reward_field(record: dict, key: str, path: str, line: int) -> float:
@@ -66,12 +104,13 @@ def _reward_field(record: dict, key: str, path: str, line: int) -> float:
 
 # One parsed pair before tokenization: (prompt or None if unknown, chosen, rejected,
 # chosen_reward, rejected_reward, line). With a prompt, chosen/rejected are answers;
-# without one (alternating format) they are full texts.
-_RawPair = Tuple[Optional[str], str, str, float, float, int]
+# without one (alternating format) they are full texts. With ``chat=True`` the prompt is
+# None and chosen/rejected are whole conversations (lists of messages).
+_RawPair = Tuple[Optional[str], Union[str, list], Union[str, list], float, float, int]
 
 
-def read_comparison_pairs(path: PathLike) -> Tuple[str, List[_RawPair]]:
-    """Parse a comparison file into raw text pairs; returns ``(format_name, pairs)``."""
+def read_comparison_pairs(path: PathLike, chat: bool = False) -> Tuple[str, List[_RawPair]]:
+    """Parse a comparison file into raw pairs; returns ``(format_name, pairs)``."""
     path = os.fspath(path)
     file_format: Optional[str] = None
     first_line = 0
@@ -87,7 +126,19 @@ def read_comparison_pairs(path: PathLike) -> Tuple[str, List[_RawPair]]:
                 path, f"record is in {fmt} format but line {first_line} is in {file_format} format; "
                 "use one format per file", line,
             )
-        if fmt == FORMAT_PAIRS:
+        if chat and fmt == FORMAT_ALTERNATING:
+            raise DataFormatError(
+                path, f"the alternating {{'text'}} format has no roles to render with a chat template; "
+                f"write {{'prompt', 'chosen', 'rejected'}} records or set {CHAT_TEMPLATE_KEY}=false", line,
+            )
+        if chat and fmt == FORMAT_PAIRS:
+            chosen, rejected = _chat_pair(record, path, line)
+            chosen_reward = _reward_field(record, "chosen_reward", path, line)
+            rejected_reward = _reward_field(record, "rejected_reward", path, line)
+            if math.isnan(chosen_reward) != math.isnan(rejected_reward):
+                raise DataFormatError(path, "give both 'chosen_reward' and 'rejected_reward' or neither", line)
+            pairs.append((None, chosen, rejected, chosen_reward, rejected_reward, line))
+        elif fmt == FORMAT_PAIRS:
             prompt = _string_field(record, "prompt", path, line)
             chosen = _string_field(record, "chosen", path, line)
             rejected = _string_field(record, "rejected", path, line)
@@ -110,7 +161,12 @@ def read_comparison_pairs(path: PathLike) -> Tuple[str, List[_RawPair]]:
             if not pos:
                 raise DataFormatError(path, "'pos_answers' and 'neg_answers' are empty", line)
             for chosen, rejected in zip(pos, neg):
-                pairs.append((prompt, chosen, rejected, math.nan, math.nan, line))
+                if chat:
+                    user = [{"role": "user", "content": prompt}]
+                    pairs.append((None, user + [{"role": "assistant", "content": chosen}],
+                                  user + [{"role": "assistant", "content": rejected}], math.nan, math.nan, line))
+                else:
+                    pairs.append((prompt, chosen, rejected, math.nan, math.nan, line))
         else:
             text = _string_field(record, "text", path, line)
             if pending is None:
@@ -153,6 +209,10 @@ class ComparisonDataset(Dataset):
     Over-long pairs (either side longer than ``max_seq_length``): ``"truncate"`` cuts the end
     of the long answer(s), keeping at least one answer token per side (otherwise the pair is
     dropped); ``"drop"`` drops the pair. ``num_truncated``/``num_dropped`` count pairs.
+
+    ``apply_chat_template=True``: see the module docstring; each side's tokens are exactly the
+    tokenizer's ``apply_chat_template`` of its whole conversation (no eos or bos added: the
+    template writes its own), and ``prompt_len`` ends where the last assistant turn begins.
     """
 
     def __init__(
@@ -163,19 +223,28 @@ class ComparisonDataset(Dataset):
         truncation: str = "truncate",
         add_eos: bool = True,
         add_bos: bool = False,
+        apply_chat_template: bool = False,
     ):
         self.path = os.fspath(path)
         self.max_seq_length = check_max_seq_length(max_seq_length)
         self.truncation = check_truncation_mode(truncation)
+        self.apply_chat_template = bool(apply_chat_template)
+        if self.apply_chat_template:
+            require_chat_template(tokenizer)
         self.num_truncated = 0
         self.num_dropped = 0
-        self.format, raw_pairs = read_comparison_pairs(self.path)
+        self.format, raw_pairs = read_comparison_pairs(self.path, chat=self.apply_chat_template)
         eos = [tokenizer.eos_id] if add_eos else []
         # (chosen tokens, rejected tokens, chosen prompt len, rejected prompt len, rewards)
         self._pairs: List[Tuple[torch.Tensor, torch.Tensor, int, int, float, float]] = []
 
         for prompt, chosen, rejected, chosen_reward, rejected_reward, line in raw_pairs:
-            if prompt is not None:
+            if self.apply_chat_template:
+                sides = []
+                for name, conversation in (("chosen", chosen), ("rejected", rejected)):
+                    ids, prompt_len = render_completion(tokenizer, conversation, self.path, line, name)
+                    sides.append((ids[:prompt_len], ids[prompt_len:]))
+            elif prompt is not None:
                 prompt_ids = tokenizer.encode(prompt, add_bos=add_bos)
                 sides = [(prompt_ids, tokenizer.encode(chosen) + eos), (prompt_ids, tokenizer.encode(rejected) + eos)]
             else:

@@ -3,6 +3,11 @@
 Records are ``{"prompt": str}``; ``{"text": str}`` and ``{"input": str}`` are accepted as
 synonyms so SFT and NeMo-style files can be reused. Other fields (e.g. an arithmetic task's
 ``answer``) travel with the prompt as ``fields``: reward functions receive them.
+
+With ``model.data.apply_chat_template=true`` a prompt is a conversation rendered with the
+tokenizer's chat template and its generation prompt: ``{"messages": [...]}`` or
+``{"prompt": [...]}`` (a message list not ending with the assistant), or a string prompt
+taken as one user message.
 """
 from __future__ import annotations
 
@@ -12,6 +17,13 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch.utils.data import Dataset
 
+from aligner.data.chat import (
+    check_no_prompt_template,
+    conversation_hint,
+    read_conversation_field,
+    render_generation_prompt,
+    require_chat_template,
+)
 from aligner.data.errors import DataFormatError
 from aligner.data.jsonl import PathLike, iter_jsonl
 from aligner.data.tokenizer import Tokenizer
@@ -29,12 +41,25 @@ def read_prompt(record: dict, path: str, line: int) -> str:
         if key in record:
             value = record[key]
             if not isinstance(value, str):
-                raise DataFormatError(path, f"field {key!r} must be a string, got {type(value).__name__}", line)
+                raise DataFormatError(
+                    path, f"field {key!r} must be a string, got {type(value).__name__}{conversation_hint(record)}", line
+                )
             return value
     raise DataFormatError(
         path, f"expected one of the fields {', '.join(repr(k) for k in PROMPT_KEYS)}; "
-        f"the record has {sorted(record) or 'no fields'}", line,
+        f"the record has {sorted(record) or 'no fields'}{conversation_hint(record)}", line,
     )
+
+
+def read_chat_prompt(record: dict, path: str, line: int) -> tuple:
+    """``(key, messages)`` of one prompt record under a chat template."""
+    key = "messages" if "messages" in record else prompt_key(record)
+    if key is None:
+        raise DataFormatError(
+            path, f"expected a 'messages' field or one of {', '.join(repr(k) for k in PROMPT_KEYS)}; "
+            f"the record has {sorted(record) or 'no fields'}", line,
+        )
+    return key, read_conversation_field(record, key, "user", path, line)
 
 
 class PromptDataset(Dataset):
@@ -48,6 +73,10 @@ class PromptDataset(Dataset):
     Prompts longer than ``max_prompt_length`` tokens are cut from the LEFT with
     ``truncation="truncate"`` (the end of a prompt is what the continuation depends on;
     a bos token, if added, is kept in front) or dropped with ``"drop"``.
+
+    ``apply_chat_template=True``: the tokens are the chat template's rendering with
+    ``add_generation_prompt=True`` (``add_bos`` is ignored: the template writes its own
+    special tokens); ``text`` is the content of the last message.
     """
 
     def __init__(
@@ -59,6 +88,7 @@ class PromptDataset(Dataset):
         truncation: str = "truncate",
         add_bos: bool = False,
         truncation_config_key: str = "model.data.truncation",
+        apply_chat_template: bool = False,
     ):
         self.path = os.fspath(path)
         self.max_prompt_length = int(max_prompt_length)
@@ -66,15 +96,26 @@ class PromptDataset(Dataset):
             raise ValueError(f"max_prompt_length={max_prompt_length} must be at least 1")
         self.truncation = check_truncation_mode(truncation, truncation_config_key)
         self.prompt_template = check_prompt_template(prompt_template)
+        self.apply_chat_template = bool(apply_chat_template)
+        if self.apply_chat_template:
+            check_no_prompt_template(self.prompt_template, True)
+            require_chat_template(tokenizer)
+            add_bos = False
         self.num_truncated = 0
         self.num_dropped = 0
         self._items: List[Tuple[torch.Tensor, str, dict]] = []
 
         total = 0
         for line, record in iter_jsonl(self.path):
-            text = read_prompt(record, self.path, line)
+            if self.apply_chat_template:
+                key, messages = read_chat_prompt(record, self.path, line)
+                text = messages[-1]["content"]
+                ids = render_generation_prompt(tokenizer, messages, self.path, line, key)
+            else:
+                key = prompt_key(record)
+                text = read_prompt(record, self.path, line)
+                ids = tokenizer.encode(apply_prompt_template(self.prompt_template, text), add_bos=False)
             total += 1
-            ids = tokenizer.encode(apply_prompt_template(self.prompt_template, text), add_bos=False)
             bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
             if not ids and not bos:
                 raise DataFormatError(self.path, "the prompt is empty; generation needs at least one token", line)
@@ -85,7 +126,6 @@ class PromptDataset(Dataset):
                     continue
                 ids = ids[len(ids) - keep:]
                 self.num_truncated += 1
-            key = prompt_key(record)
             self._items.append((torch.tensor(bos + ids, dtype=torch.long), text,
                                 {k: v for k, v in record.items() if k != key}))
 

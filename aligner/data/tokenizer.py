@@ -8,7 +8,7 @@ flags, and works the same for our own trained BPE tokenizer, GPT-2 and SmolLM2.
 from __future__ import annotations
 
 import os
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -107,6 +107,31 @@ class Tokenizer:
         if add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Token ids of ``text`` (no added special tokens) and each token's ``(start, end)`` characters."""
+        enc = self._hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The Jinja chat template shipped with the tokenizer, or None (our byte-level BPE has none)."""
+        return getattr(self._hf, "chat_template", None) or None
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """``messages`` (``[{"role", "content"}, ...]``) as text, through the tokenizer's chat template."""
+        if not self.chat_template:
+            raise ValueError(f"tokenizer {self.name} has no chat template")
+        return self._hf.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> List[int]:
+        """Token ids of ``render_chat(...)``: the same ids as the HF tokenizer's ``apply_chat_template``.
+
+        The template writes any bos/special tokens itself, so none are added here.
+        """
+        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``.
