@@ -248,8 +248,9 @@ class RolloutEngine:
                                      tokenizer=run.tokenizer, vocab_size=run.model_config.vocab_size)
         data = cfg.model.data
         max_prompt = max_len - int(s.length["max_length"])
-        self.prompts = PromptDataset(data.train_ds.file_path, run.tokenizer, max_prompt)
-        self.val_prompts = (PromptDataset(data.validation_ds.file_path, run.tokenizer, max_prompt)
+        chat = bool(data.get("apply_chat_template", False))  # model.data.apply_chat_template
+        self.prompts = PromptDataset(data.train_ds.file_path, run.tokenizer, max_prompt, apply_chat_template=chat)
+        self.val_prompts = (PromptDataset(data.validation_ds.file_path, run.tokenizer, max_prompt, apply_chat_template=chat)
                             if data.validation_ds.file_path else None)
         self.sampler = DistributedResumableSampler(len(self.prompts), s.prompts_per_step, run.layout.dp_rank, dp,
                                                    seed=seed)

@@ -33,7 +33,8 @@ def sft_loop_data(cfg: DictConfig, run: Run) -> loop.LoopData:
 
     data_cfg = cfg.model.data
     common = dict(tokenizer=run.tokenizer, max_seq_length=int(cfg.model.encoder_seq_length),
-                  prompt_template=data_cfg.prompt_template, truncation=data_cfg.truncation)
+                  prompt_template=data_cfg.prompt_template, truncation=data_cfg.truncation,
+                  apply_chat_template=bool(data_cfg.get("apply_chat_template", False)))
     train = SFTDataset(data_cfg.train_ds.file_path, **common)
     val = SFTDataset(data_cfg.validation_ds.file_path, **common) if data_cfg.validation_ds.file_path else None
     pad_id = run.tokenizer.pad_id
