@@ -417,7 +417,6 @@ class RolloutEngine:
         metrics.update(timings)
         metrics["throughput/generated_tokens_per_s"] = generated / max(timings["timing/generate_s"], 1e-9)
         metrics["throughput/samples_per_s"] = self.rollouts_per_step / elapsed
-        self.last_rollouts = rollouts
         return metrics
 
     def rollout_metrics(self, rollouts: Rollouts, signal: PolicySignal) -> dict[str, float]:

@@ -144,10 +144,13 @@ class CriticFree:
         (up to max_rounds generation rounds) until this rank has its share of groups."""
         target = engine.settings.prompts_per_step // engine.run.layout.data_parallel
         kept, have, last = [], 0, None
+        counts: dict[str, float] = {}  # the scorer's counts over every round
         for round_ in range(max(max_rounds, 1)):
             batch = engine.sample_step_batch(round_)
             engine.collect_scores(batch)
             last = batch
+            for name, value in batch.score_metrics.items():
+                counts[name] = counts.get(name, 0.0) + value
             informative = groups_with_distinct_rewards(batch.rewards, self.n, batch.valid)  # [G]
             rows = torch.nonzero(informative.repeat_interleave(self.n)).flatten()
             if len(rows):
@@ -158,10 +161,12 @@ class CriticFree:
                 break
         if not kept:  # nothing informative in any round: train on the last batch (its advantages are all 0)
             self.kept = 0
+            last.score_metrics = counts
             return last
-        merged = engine.concat(kept)
         self.kept = min(have, target)
-        return merged.select(torch.arange(self.kept * self.n))
+        merged = engine.concat(kept).select(torch.arange(self.kept * self.n))
+        merged.score_metrics = counts
+        return merged
 
     def before_scores(self, engine: RolloutEngine) -> dict[str, float]:
         return {}

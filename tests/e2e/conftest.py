@@ -18,10 +18,11 @@ SCRIPTS = REPO / "examples" / "nlp" / "gpt"
 
 
 def run_script(script: str, overrides: list[str], timeout: float = 900, expect_ok: bool = True,
-               threads: int = 2) -> subprocess.CompletedProcess:
+               threads: int = 2, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(SCRIPTS / script), *overrides], capture_output=True, text=True,
                           timeout=timeout, env=child_env(ALIGNER_NUM_THREADS=str(threads),
-                                                         OMP_NUM_THREADS=str(threads)), cwd=str(REPO))
+                                                         OMP_NUM_THREADS=str(threads), **(env_extra or {})),
+                          cwd=str(REPO))
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

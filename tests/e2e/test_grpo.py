@@ -1,0 +1,131 @@
+"""The critic-free family end to end on the built-in arithmetic task (verifiable reward)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import read_metrics, run_script, series
+from tests.launch import REPO, child_env
+
+
+@pytest.fixture(scope="session")
+def arithmetic_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "arithmetic"
+    subprocess.run([sys.executable, "-m", "aligner.data.prep.arithmetic", "--output-dir", str(out)],
+                   check=True, env=child_env(), cwd=str(REPO), capture_output=True, timeout=600)
+    return out
+
+
+def grpo_overrides(data: Path, log_dir: Path, *extra: str) -> list[str]:
+    return [f"model.tokenizer.model={data / 'tokenizer'}",
+            f"model.data.train_ds.file_path={data / 'prompts_train.jsonl'}",
+            f"model.data.validation_ds.file_path={data / 'prompts_val.jsonl'}",
+            f"exp_manager.explicit_log_dir={log_dir}", "exp_manager.create_tensorboard_logger=false",
+            "model.encoder_seq_length=16", *extra]
+
+
+PROBE = '''
+import json, os
+
+def length_reward(prompts, responses, answer, **_):
+    """Deterministic, varied rewards; records what it was called with and what it returned."""
+    values = [float(len(r) % 3) for r in responses]
+    with open(os.environ["PROBE_LOG"], "a") as f:
+        f.write(json.dumps({"n": len(responses), "answers": len(answer), "values": values}) + "\\n")
+    return values
+
+def raises(prompts, responses, **_):
+    raise ValueError("boom from the probe")
+
+def nan(prompts, responses, **_):
+    return [float("nan")] * len(responses)
+
+def hangs(prompts, responses, **_):
+    while True:  # a pure-Python busy loop: only killing the worker stops it
+        pass
+'''
+
+
+def test_reward_functions_reach_the_advantages_and_failing_ones_leave_the_run_alive(arithmetic_data, tmp_path):
+    """Functions named by file path: a good one's values are the step's scores (so they drive the
+    advantages); one that raises, one that returns NaN and one that hangs get the fallback, are
+    counted every step and logged once, and the run finishes."""
+    probe = tmp_path / "probe_rewards.py"
+    probe.write_text(textwrap.dedent(PROBE))
+    log = tmp_path / "probe.jsonl"
+    functions = ",".join(f'{{path:"{probe}:{name}",weight:{w}}}'
+                         for name, w in (("length_reward", 1.0), ("raises", 1.0), ("nan", 1.0), ("hangs", 1.0)))
+    steps, prompts, n = 2, 4, 4
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples/nlp/gpt/train_gpt_grpo.py"),
+         *grpo_overrides(arithmetic_data, tmp_path / "run", f"reward.functions=[{functions}]", "reward.timeout_s=3",
+                         "reward.fallback=0.0", f"trainer.grpo.max_steps={steps}", "trainer.grpo.val_check_interval=0",
+                         "pretrained_checkpoint.restore_from_path=null", f"model.grpo.num_prompts_per_step={prompts}",
+                         f"model.grpo.num_generations={n}", "model.global_batch_size=16", "model.micro_batch_size=8",
+                         "model.grpo.rollout_micro_batch_size=16", "model.grpo.forward_micro_batch_size=16",
+                         "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=2")],
+        capture_output=True, text=True, timeout=600, cwd=str(REPO),
+        env=child_env(PROBE_LOG=str(log), ALIGNER_NUM_THREADS="2", OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == steps and all(c["n"] == c["answers"] == prompts * n for c in calls), calls
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run") if "rollout/score_mean" in r}
+    for step, call in zip(sorted(rows), calls):
+        row = rows[step]
+        assert row["rollout/score_mean"] == pytest.approx(sum(call["values"]) / len(call["values"]), abs=1e-6)
+        assert row["rollout/zero_advantage_fraction"] < 1.0  # the values became advantages
+        for name, kind in (("raises", "error"), ("nan", "nonfinite"), ("hangs", "timeout")):
+            assert row[f"rollout/reward_fn/{name}/{kind}"] == prompts * n, (name, row)
+            assert row[f"rollout/reward_fn/{name}/failed"] == prompts * n
+        assert row["rollout/reward_fn/length_reward/failed"] == 0
+    assert proc.stderr.count("boom from the probe") + proc.stdout.count("boom from the probe") >= 1
+    assert (proc.stderr + proc.stdout).count("ValueError: boom from the probe") == 1  # the traceback, once
+
+
+TINY = ["pretrained_checkpoint.restore_from_path=null", "model.hidden_size=64", "model.ffn_hidden_size=128",
+        "model.num_layers=2", "trainer.grpo.val_check_interval=2", "trainer.grpo.val_prompts=8",
+        "trainer.grpo.max_steps=2", "model.grpo.num_prompts_per_step=4", "model.grpo.num_generations=4",
+        "model.global_batch_size=8", "model.micro_batch_size=4", "model.grpo.rollout_micro_batch_size=16",
+        "model.grpo.forward_micro_batch_size=16", "trainer.grpo.ppo_epochs=2"]
+
+
+@pytest.mark.parametrize("estimator,options", [
+    ("grpo", ["algorithm.filter_groups.enable=true", "algorithm.filter_groups.max_num_gen_batches=3",
+              "algorithm.overlong_buffer.enable=true", "algorithm.use_kl_loss=true", "algorithm.clip_ratio_high=0.28"]),
+    ("rloo", ["algorithm.use_kl_in_reward=true", "algorithm.kl_penalty=k3",
+              "algorithm.loss_agg_mode=seq-mean-token-mean"]),
+    ("remax", ["algorithm.clip_ratio_c=3.0"]),
+    ("reinforce_plus_plus", ["algorithm.use_kl_in_reward=true", "algorithm.gamma=0.9"]),
+    ("reinforce_plus_plus_baseline", ["algorithm.mask_truncated_completions=true",
+                                      "algorithm.loss_agg_mode=seq-mean-token-sum-norm", "algorithm.norm_adv_by_std_in_grpo=false"]),
+], ids=["grpo-dapo", "rloo-kl-reward", "remax", "reinforce_pp", "reinforce_pp_baseline"])
+def test_every_estimator_runs_end_to_end(arithmetic_data, tmp_path, estimator, options):
+    """Each estimator with its options through the real entry script: two steps (two epochs of
+    mini-batches each), validation, a checkpoint; finite losses and a moving policy."""
+    probe = tmp_path / "probe_rewards.py"
+    probe.write_text(textwrap.dedent(PROBE))
+    run_script("train_gpt_grpo.py", grpo_overrides(
+        arithmetic_data, tmp_path / "run", f"algorithm.adv_estimator={estimator}", *TINY, *options,
+        f'reward.functions=[{{path:"{probe}:length_reward",weight:1.0}}]'), timeout=600,
+        env_extra={"PROBE_LOG": str(tmp_path / "probe.jsonl")})
+    rows = read_metrics(tmp_path / "run")
+    steps = [r for r in rows if "train/updates" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert all(v == v and abs(v) != float("inf") for k, v in r.items() if k.startswith(("train/", "rollout/"))), r
+    if "mask_truncated_completions=true" in " ".join(options):
+        # the random policy rarely ends a response: with truncated ones masked there may be nothing to learn,
+        # and then no update is made (rather than a division by zero)
+        assert all(r["train/updates"] == 0 for r in steps if r["rollout/is_end_fraction"] == 0)
+    else:
+        assert all(r["train/updates"] == 4 for r in steps)  # 2 epochs x 2 mini-batches
+        assert max(r["train/grad_norm"] for r in steps) > 0  # the policy was pushed somewhere
+    assert [r["step"] for r in rows if "val/reward_mean" in r] == [0, 2]
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "COMPLETE").is_file()
+    if "filter_groups.enable=true" in " ".join(options):
+        assert all(1 <= r["rollout/generation_rounds"] <= 3 and r["rollout/kept_groups"] <= 4 for r in steps)
