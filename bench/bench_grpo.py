@@ -43,7 +43,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import torch  # noqa: E402
-from bench_ppo import BlockDriver, Channel, _suppress, _tensor_list, check_tokens, child_env, prompt_records  # noqa: E402
+from bench_ppo import _tensor_list, check_tokens, child_env, prompt_records  # noqa: E402
+from peer_processes import BlockDriver, Channel, Child, install_trl  # noqa: E402
 
 PROMPTS_PER_STEP, GENERATIONS, PROMPT_LEN, COMPLETION_LEN = 8, 4, 32, 32
 SAMPLES = PROMPTS_PER_STEP * GENERATIONS
@@ -78,27 +78,6 @@ def bench_reward(prompts=None, responses=None, completions=None, **_):
 
 # ------------------------------------------------------------------------------ fixed inputs
 
-
-def ensure_trl() -> Path:
-    """TRL 1.16 (+ what it needs and the venv lacks) in bench/.cache/trl-1.16.0, installed once,
-    with `pip install --no-deps --target` (the venv is not touched)."""
-    import importlib.util
-
-    marker = TRL_DIR / "trl" / "__init__.py"
-    missing = [req for req, name in TRL_DEPS
-               if importlib.util.find_spec(name) is None and not (TRL_DIR / name).is_dir()
-               and not (TRL_DIR / f"{name}.py").is_file()]
-    if marker.is_file() and not missing:
-        return TRL_DIR
-    wanted = ([] if marker.is_file() else [f"trl=={TRL_VERSION}"]) + missing
-    print(f"[setup] installing {' '.join(wanted)} into {TRL_DIR.relative_to(common.REPO_ROOT)} "
-          f"(--no-deps --target: the venv is not touched) ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(TRL_DIR), *wanted]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"could not install TRL {TRL_VERSION} into {TRL_DIR}:\n{result.stdout[-3000:]}\n"
-                         f"{result.stderr[-3000:]}\nInstall it by hand: {' '.join(cmd)}")
-    return TRL_DIR
 
 
 # ------------------------------------------------------------------------------ aligner child
@@ -282,51 +261,6 @@ def trl_child(args, channel: Channel) -> None:
 # -------------------------------------------------------------------------------- orchestrator
 
 
-class Child:
-    """A child process running `bench_grpo.py --child <role>`, talking over two pipes."""
-
-    def __init__(self, role: str, spec_path: Path, log_path: Path, env: dict, extra: list[str] = ()):
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        self.log_path, self.role = log_path, role
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", role, "--spec", str(spec_path),
-               "--fds", f"{to_child_r},{from_child_w}", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                                     pass_fds=(to_child_r, from_child_w), cwd=str(common.REPO_ROOT))
-        os.close(to_child_r)
-        os.close(from_child_w)
-        self.channel = Channel(from_child_r, to_child_w)
-
-    def expect(self, event: str) -> dict:
-        try:
-            message = self.channel.recv()
-        except EOFError:
-            self.proc.wait(timeout=60)
-            raise SystemExit(f"{self.role} child exited ({self.proc.returncode}):\n"
-                             f"{self.log_path.read_text()[-5000:]}") from None
-        if message.get("event") != event:
-            raise SystemExit(f"{self.role} child sent {message!r}, expected {event!r}")
-        return message
-
-    def run_block(self, steps: int) -> dict:
-        self.channel.send(cmd="run", steps=steps)
-        return self.expect("block")
-
-    def finish(self, timeout: float = 300) -> None:
-        with _suppress():
-            self.channel.send(cmd="finish")
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def compare_sanity(ours: dict, theirs: dict, dtype_name: str) -> dict:
     a, b = torch.tensor(ours["logprobs"]), torch.tensor(theirs["logprobs"])
     out = {"logprobs": {"max_abs_diff": float((a - b).abs().max()), "aligner_mean": float(a.mean()),
@@ -362,8 +296,9 @@ def run_dtype(dtype_name: str, args) -> dict:
           f"({args.threads} threads each); logs in {work}", flush=True)
     children: dict[str, Child] = {}
     try:
-        children["aligner"] = Child("aligner", spec_path, work / "aligner.log", child_env(args.threads))
-        children["trl"] = Child("trl", spec_path, work / "trl.log", child_env(args.threads),
+        children["aligner"] = Child(Path(__file__), "aligner", spec_path,
+                                   work / "aligner.log", child_env(args.threads))
+        children["trl"] = Child(Path(__file__), "trl", spec_path, work / "trl.log", child_env(args.threads),
                                 ["--trl-threads", str(args.threads)])
         ready = {name: child.expect("ready") for name, child in children.items()}
         sanity = compare_sanity(ready["aligner"]["sanity"], ready["trl"]["sanity"], dtype_name)
@@ -498,7 +433,7 @@ def main(argv=None):
     common.quiet_libraries()
     common.set_threads()
     common.fixed_model_dir()
-    ensure_trl()
+    install_trl(TRL_VERSION, TRL_DEPS)
     for dtype_name in common.dtypes_of(args.dtype):
         run_dtype(dtype_name, args)
 

@@ -48,13 +48,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import torch  # noqa: E402
+from peer_processes import BlockDriver, Channel, Child, install_trl  # noqa: E402
 
 EPISODES, PROMPT_LEN, RESPONSE_LEN = 32, 32, 32
 MINI_BATCHES, PPO_EPOCHS = 4, 1
@@ -76,30 +76,6 @@ SCRIPTS = common.REPO_ROOT / "examples" / "nlp" / "gpt"
 
 # ------------------------------------------------------------------------------ fixed inputs
 
-
-def ensure_trl() -> Path:
-    """TRL 1.12 (+ what it needs and the venv lacks) in bench/.cache/trl-1.12.0, installed once.
-
-    Kept out of the venv on purpose: the venv's TRL (1.16, for bench_dpo.py) must stay. The TRL
-    child puts this directory first on sys.path and checks trl.__version__.
-    """
-    import importlib.util
-
-    marker = TRL_DIR / "trl" / "__init__.py"
-    missing = [req for req, name in TRL_DEPS
-               if importlib.util.find_spec(name) is None and not (TRL_DIR / name).is_dir()
-               and not (TRL_DIR / f"{name}.py").is_file()]
-    if marker.is_file() and not missing:
-        return TRL_DIR
-    wanted = ([] if marker.is_file() else [f"trl=={TRL_VERSION}"]) + missing
-    print(f"[setup] installing {' '.join(wanted)} into {TRL_DIR.relative_to(common.REPO_ROOT)} "
-          f"(--no-deps --target: the venv is not touched) ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(TRL_DIR), *wanted]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"could not install TRL {TRL_VERSION} into {TRL_DIR}:\n{result.stdout[-3000:]}\n"
-                         f"{result.stderr[-3000:]}\nInstall it by hand: {' '.join(cmd)}")
-    return TRL_DIR
 
 
 def value_model_dir() -> Path:
@@ -155,57 +131,6 @@ def check_tokens(tokenizer, prompts) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- child protocol
-
-
-class Channel:
-    """JSON lines over a pair of pipes (the children's stdout belongs to their libraries)."""
-
-    def __init__(self, read_fd: int, write_fd: int):
-        self.reader = os.fdopen(read_fd, "r")
-        self.writer = os.fdopen(write_fd, "w")
-
-    def send(self, **message) -> None:
-        self.writer.write(json.dumps(message) + "\n")
-        self.writer.flush()
-
-    def recv(self) -> dict:
-        line = self.reader.readline()
-        if not line:
-            raise EOFError("the other side closed the channel")
-        return json.loads(line)
-
-
-class BlockDriver:
-    """In a child: at a step boundary wait for {"cmd": "run", "steps": n}; after n more steps
-    report {"event": "block", "seconds": ...}; {"cmd": "finish"} lets the loop end."""
-
-    def __init__(self, channel: Channel):
-        self.channel = channel
-        self.remaining = 0
-        self.start = 0.0
-        self.marks: list[float] = []
-        self.details: list[dict] = []
-
-    def wait(self) -> None:
-        message = self.channel.recv()
-        if message["cmd"] == "finish":
-            self.remaining = -1
-            return
-        self.remaining = int(message["steps"])
-        self.marks, self.details = [], []
-        self.start = time.perf_counter()
-
-    def step_done(self, detail: dict | None = None) -> None:
-        if self.remaining <= 0:
-            return  # after finish: the loop's remaining steps are not ours to time
-        self.marks.append(time.perf_counter())
-        self.details.append(detail or {})
-        self.remaining -= 1
-        if self.remaining == 0:
-            edges = [self.start] + self.marks
-            self.channel.send(event="block", seconds=self.marks[-1] - self.start,
-                              step_seconds=[b - a for a, b in zip(edges, edges[1:])], details=self.details)
-            self.wait()
 
 
 def _tensor_list(t: torch.Tensor) -> list:
@@ -395,60 +320,6 @@ def trl_sanity(policy, reference, value, reward, tokens: torch.Tensor, pad_id: i
 # -------------------------------------------------------------------------------- orchestrator
 
 
-class Child:
-    """A child process running `bench_ppo.py --child <role>`, talking over two pipes."""
-
-    def __init__(self, role: str, spec_path: Path, log_path: Path, env: dict, extra: list[str] = ()):
-        to_child_r, to_child_w = os.pipe()
-        from_child_r, from_child_w = os.pipe()
-        self.log_path = log_path
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", role, "--spec", str(spec_path),
-               "--fds", f"{to_child_r},{from_child_w}", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                                     pass_fds=(to_child_r, from_child_w), cwd=str(common.REPO_ROOT))
-        os.close(to_child_r)
-        os.close(from_child_w)
-        self.channel = Channel(from_child_r, to_child_w)
-        self.role = role
-
-    def expect(self, event: str) -> dict:
-        try:
-            message = self.channel.recv()
-        except EOFError:
-            self.proc.wait(timeout=60)
-            raise SystemExit(f"{self.role} child exited ({self.proc.returncode}):\n"
-                             f"{self.log_path.read_text()[-5000:]}") from None
-        if message.get("event") != event:
-            raise SystemExit(f"{self.role} child sent {message!r}, expected {event!r}")
-        return message
-
-    def run_block(self, steps: int) -> dict:
-        self.channel.send(cmd="run", steps=steps)
-        return self.expect("block")
-
-    def finish(self, timeout: float = 300) -> None:
-        with _suppress():
-            self.channel.send(cmd="finish")
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], (BrokenPipeError, OSError))
-
-
 def child_env(threads: int) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "SLURM_", "PMI_"))}
@@ -537,8 +408,9 @@ def run_dtype(dtype_name: str, args) -> dict:
     critic, critic_log = start_critic(dtype_name, port, work, total_steps, args.critic_threads)
     children = {}
     try:
-        children["aligner"] = Child("aligner", spec_path, work / "aligner.log", child_env(args.actor_threads))
-        children["trl"] = Child("trl", spec_path, work / "trl.log", child_env(args.trl_threads),
+        children["aligner"] = Child(Path(__file__), "aligner", spec_path,
+                                   work / "aligner.log", child_env(args.actor_threads))
+        children["trl"] = Child(Path(__file__), "trl", spec_path, work / "trl.log", child_env(args.trl_threads),
                                 ["--trl-threads", str(args.trl_threads)])
         ready = {name: child.expect("ready") for name, child in children.items()}
         sanity = compare_sanity(ready["aligner"]["sanity"], ready["trl"]["sanity"], prompts, dtype_name)
@@ -661,7 +533,7 @@ def main(argv=None):
     common.quiet_libraries()
     common.set_threads()
     common.fixed_model_dir()
-    ensure_trl()
+    install_trl(TRL_VERSION, TRL_DEPS)
     for dtype_name in common.dtypes_of(args.dtype):
         run_dtype(dtype_name, args)
 
