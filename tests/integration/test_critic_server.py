@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ import pytest
 import torch
 
 from aligner.distributed.launch_env import free_port
-from aligner.serving.client import CriticClient, CriticRequestError, CriticServerError
+from aligner.serving.client import CriticClient, CriticRequestError
 from aligner.serving.server import read_ready_file
 from aligner.trainers.critic import (combine_step_metrics, mini_batch_slices, pad_rows,
                                      resolve_reward_standardization)
@@ -559,10 +560,9 @@ def _watchdog_job(tmp_path, timeout_s: float):
     pids = {}
     while len(pids) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "watchdog.log").read_text()
-        for line in (tmp_path / "watchdog.log").read_text().splitlines():
-            if line.endswith(" ready") and line.startswith("rank "):
-                parts = line.split()
-                pids[int(parts[1])] = int(parts[3])
+        # the two ranks write to one log: their lines may interleave, so match anywhere in the text
+        for rank, pid in re.findall(r"rank (\d+) pid (\d+) ready", (tmp_path / "watchdog.log").read_text()):
+            pids[int(rank)] = int(pid)
         time.sleep(0.2)
     return proc, log, pids
 
