@@ -5,6 +5,7 @@ by rows; the worker compares gathered logits with transformers on the same check
 checks that save_hf at TP=2, and at PP=2, writes back exactly the original tensors. Mixtral is
 also run at expert parallelism 2 (each rank holds half of the experts).
 """
+import re
 from pathlib import Path
 
 from tests.launch import check, torchrun
@@ -21,13 +22,12 @@ MOE = [case for case in CASES if case[0] == "mixtral"]
 
 
 def diffs_of(out: str, label: str) -> dict[str, float]:
-    """{'<rank> <dir name>': max |diff|} from the worker's `rank R <label> NAME max_abs_diff=X` lines."""
-    found = {}
-    for line in out.splitlines():
-        words = line.split()
-        if len(words) == 5 and words[0] == "rank" and words[2] == label and words[4].startswith("max_abs_diff="):
-            found[f"{words[1]} {words[3]}"] = float(words[4].split("=")[1])
-    return found
+    """{'<rank> <dir name>': max |diff|} from the worker's `rank R <label> NAME max_abs_diff=X` reports.
+
+    Matched anywhere in the text, not line by line: two ranks' prints can interleave on one line.
+    """
+    pattern = rf"rank (\d+) {re.escape(label)} (\S+?) max_abs_diff=([0-9.eE+-]+?)(?=rank |\s|$)"
+    return {f"{rank} {name}": float(value) for rank, name, value in re.findall(pattern, out)}
 
 
 def test_hf_import_export_at_tp2_pp2_and_ep2(tmp_path):
