@@ -99,10 +99,13 @@ def rm_run(movie_data, sft_run, tmp_path_factory) -> Path:
 
 
 class CriticProcess:
-    """serve_ppo_critic.py as a real subprocess on a fixed port (restartable)."""
+    """serve_ppo_critic.py (or another server script, e.g. serve_reward_model.py) as a real
+    subprocess on a fixed port (restartable)."""
 
-    def __init__(self, overrides: list[str], port: int, log_path: Path):
+    def __init__(self, overrides: list[str], port: int, log_path: Path, script: str = "serve_ppo_critic.py",
+                 port_key: str = "trainer.ppo.port"):
         self.overrides, self.port, self.log_path = overrides, port, log_path
+        self.script, self.port_key = script, port_key
         self.proc = None
 
     def start(self, timeout: float = 300, fault: str | None = None) -> "CriticProcess":
@@ -111,15 +114,15 @@ class CriticProcess:
 
         log = open(self.log_path, "a")
         env = child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1", **({"ALIGNER_FAULT": fault} if fault else {}))
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / "serve_ppo_critic.py"), *self.overrides,
-                                      f"trainer.ppo.port={self.port}"], stdout=log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / self.script), *self.overrides,
+                                      f"{self.port_key}={self.port}"], stdout=log, stderr=subprocess.STDOUT,
                                      env=env, cwd=str(REPO))
         client = CriticClient("127.0.0.1", self.port, total_timeout_s=timeout)
         try:
             client.wait_until_ready(timeout)
         except Exception:
             self.proc.kill()
-            raise AssertionError(f"critic did not become ready:\n{self.log_path.read_text()[-4000:]}")
+            raise AssertionError(f"{self.script} did not become ready:\n{self.log_path.read_text()[-4000:]}")
         finally:
             client.close()
         return self

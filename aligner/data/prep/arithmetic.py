@@ -148,6 +148,16 @@ def parse_operators(value: str) -> str:
     return ops
 
 
+def flawed_answer(record: Dict[str, str], rng: random.Random, rate: float) -> Dict[str, str]:
+    """The record with a spurious trailing '0' on its answer with probability ``rate``.
+
+    The draw is made for every record, so the same seed flaws the same rows at any rate.
+    """
+    if rng.random() < rate:
+        return {**record, "answer": record["answer"] + "0"}
+    return record
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aligner.data.prep.arithmetic",
                                      description=__doc__.split("\n\n")[0])
@@ -162,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sft-size", type=int, default=2000, help="SFT warm-start examples (train split)")
     parser.add_argument("--sft-val-size", type=int, default=200, help="SFT validation examples")
     parser.add_argument("--val-size", type=int, default=500, help="held-out RL validation prompts")
+    parser.add_argument("--sft-trailing-zero-rate", type=float, default=0.0, metavar="P",
+                        help="a flawed SFT teacher: append a spurious '0' to this fraction of the SFT answers "
+                             "(e.g. 85 -> 850), chosen by a seeded draw. A warm start that can add but whose "
+                             "greedy answers are often wrong: room for RL to improve (default 0: exact answers)")
     parser.add_argument("--vocab-size", type=int, default=258,
                         help="tokenizer size; 258 = 256 bytes + 2 special tokens, i.e. no merges: one token per digit")
     return parser
@@ -174,6 +188,8 @@ def prepare(argv: Optional[Sequence[str]] = None) -> Dict:
     for name, size in sizes.items():
         if size < 0 or (size == 0 and name in ("train", "val")):
             raise SystemExit(f"--{name.replace('_', '-')}-size={size}: must be {'>= 1' if name in ('train', 'val') else '>= 0'}")
+    if not 0.0 <= args.sft_trailing_zero_rate <= 1.0:
+        raise SystemExit(f"--sft-trailing-zero-rate={args.sft_trailing_zero_rate}: must be in [0, 1]")
     problems = generate_problems(sum(sizes.values()), args.digits, args.operators, args.negative_results, args.seed)
     parts: Dict[str, List[Problem]] = {}
     start = 0
@@ -189,10 +205,14 @@ def prepare(argv: Optional[Sequence[str]] = None) -> Dict:
         "sft_train.jsonl": parts["sft"],
         "sft_val.jsonl": parts["sft_val"],
     }
+    flaw = random.Random(f"trailing-zero:{args.seed}")
     files: Dict[str, Dict] = {}
     for name, part in outputs.items():
         path = os.path.join(out, name)
-        write_jsonl(path, (p.record() for p in part))
+        records = [p.record() for p in part]
+        if name.startswith("sft_"):
+            records = [flawed_answer(r, flaw, args.sft_trailing_zero_rate) for r in records]
+        write_jsonl(path, records)
         files[name] = {"records": len(part), "sha256": sha256_file(path)}
 
     corpus = [p.prompt + str(p.answer) for p in parts["sft"] + parts["train"]]
@@ -213,6 +233,7 @@ def prepare(argv: Optional[Sequence[str]] = None) -> Dict:
             "sft_val_size": args.sft_val_size,
             "val_size": args.val_size,
             "vocab_size": args.vocab_size,
+            "sft_trailing_zero_rate": args.sft_trailing_zero_rate,
         },
         "distinct_problems_available": count_problems(args.digits, args.operators, args.negative_results),
         "files": files,
