@@ -9,7 +9,7 @@ from aligner.distributed.launch_env import free_port
 from aligner.evaluation.lexicon_judge import judge_samples
 from tests.e2e.conftest import CriticProcess, read_metrics, run_script, series
 
-STEPS = 40
+STEPS = 60
 pytestmark = pytest.mark.timeout(3600)  # alone, it builds the session's SFT and RM fixtures first
 
 

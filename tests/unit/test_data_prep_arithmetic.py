@@ -107,13 +107,34 @@ def test_too_many_problems_requested():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--digits", "0..2"], "--digits"), (["--operators", "/"], "--operators"), (["--val-size", "0"], "--val-size"),
+    (["--digits", "0..2"], "--digits"), (["--sft-trailing-zero-rate", "1.5"], "--sft-trailing-zero-rate"), (["--operators", "/"], "--operators"), (["--val-size", "0"], "--val-size"),
 ])
 def test_bad_flags(tmp_path, argv, match, capsys):
     with pytest.raises(SystemExit) as e:
         arithmetic.prepare(["--output-dir", str(tmp_path), *argv])
     # argparse prints its errors to stderr; our own checks put the text in SystemExit
     assert match in capsys.readouterr().err + str(e.value.code)
+
+
+def test_flawed_teacher_only_touches_sft_answers(prepared, tmp_path):
+    """--sft-trailing-zero-rate: about that fraction of the SFT answers get a spurious '0'
+    (so the exact-match reward calls them wrong); the RL prompts and their answers are untouched."""
+    clean, _ = prepared
+    arithmetic.prepare(["--output-dir", str(tmp_path), "--seed", "3", *SMALL, "--sft-trailing-zero-rate", "0.6"])
+    for name in ("prompts_train.jsonl", "prompts_val.jsonl"):
+        assert (tmp_path / name).read_bytes() == (clean / name).read_bytes()
+    flawed = 0
+    for name in ("sft_train.jsonl", "sft_val.jsonl"):
+        for good, bad in zip(_records(clean / name), _records(tmp_path / name)):
+            assert bad["prompt"] == good["prompt"]
+            if bad["answer"] != good["answer"]:
+                assert bad["answer"] == good["answer"] + "0"
+                flawed += 1
+                scores = exact_match([bad["prompt"]], [bad["answer"]], answer=[good["answer"]])
+                assert scores == [0.0 if good["answer"] != "0" else 1.0]
+    assert 0.5 < flawed / 250 < 0.7, flawed
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["arguments"]["sft_trailing_zero_rate"] == 0.6
 
 
 def test_files_load_with_the_readers_one_token_per_character(prepared):
