@@ -70,10 +70,16 @@ def movie_data(tmp_path_factory) -> Path:
 
 
 def data_overrides(data: Path, kind: str) -> list[str]:
-    files = {"sft": "sft", "comparisons": "comparisons"}[kind]
+    files = {"sft": "sft", "comparisons": "comparisons", "prompts": "prompts"}[kind]
     return [f"model.tokenizer.model={data / 'tokenizer'}",
             f"model.data.train_ds.file_path={data / (files + '_train.jsonl')}",
             f"model.data.validation_ds.file_path={data / (files + '_val.jsonl')}"]
+
+
+def grpo_overrides(data: Path, log_dir: Path, *extra: str, seq_length: int = 16) -> list[str]:
+    """train_gpt_grpo.py on a prepared task's tokenizer and prompt files, logging to log_dir."""
+    return [*data_overrides(data, "prompts"), f"exp_manager.explicit_log_dir={log_dir}",
+            "exp_manager.create_tensorboard_logger=false", f"model.encoder_seq_length={seq_length}", *extra]
 
 
 @pytest.fixture(scope="session")

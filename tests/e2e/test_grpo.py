@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import read_metrics, run_script, series
+from tests.e2e.conftest import grpo_overrides, read_metrics, run_script
 from tests.launch import REPO, child_env
 
 
@@ -19,14 +19,6 @@ def arithmetic_data(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "aligner.data.prep.arithmetic", "--output-dir", str(out)],
                    check=True, env=child_env(), cwd=str(REPO), capture_output=True, timeout=600)
     return out
-
-
-def grpo_overrides(data: Path, log_dir: Path, *extra: str) -> list[str]:
-    return [f"model.tokenizer.model={data / 'tokenizer'}",
-            f"model.data.train_ds.file_path={data / 'prompts_train.jsonl'}",
-            f"model.data.validation_ds.file_path={data / 'prompts_val.jsonl'}",
-            f"exp_manager.explicit_log_dir={log_dir}", "exp_manager.create_tensorboard_logger=false",
-            "model.encoder_seq_length=16", *extra]
 
 
 PROBE = '''

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import read_metrics, run_script, series
+from tests.e2e.conftest import data_overrides, grpo_overrides, read_metrics, run_script, series
 from tests.launch import REPO, child_env
 
 HELD_OUT = 300
@@ -41,10 +41,8 @@ def addition_data(tmp_path_factory) -> Path:
 def flawed_sft(addition_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft_addition")
     run_script("train_gpt_sft.py", [
-        f"model.tokenizer.model={addition_data / 'tokenizer'}",
-        f"model.data.train_ds.file_path={addition_data / 'sft_train.jsonl'}",
-        f"model.data.validation_ds.file_path={addition_data / 'sft_val.jsonl'}",
-        f"exp_manager.explicit_log_dir={out}", "exp_manager.create_tensorboard_logger=false",
+        *data_overrides(addition_data, "sft"), f"exp_manager.explicit_log_dir={out}",
+        "exp_manager.create_tensorboard_logger=false",
         "trainer.sft.max_steps=800", "trainer.sft.val_check_interval=800", "trainer.sft.save_interval=800",
         "model.global_batch_size=64", "model.micro_batch_size=64", "model.optim.lr=2e-3", *WIDE], timeout=900)
     return out
@@ -53,17 +51,12 @@ def flawed_sft(addition_data, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("estimator,bar", [("grpo", 0.15), ("reinforce_plus_plus", 0.10), ("remax", 0.10)])
 def test_held_out_accuracy_rises(addition_data, flawed_sft, tmp_path, estimator, bar):
     run = tmp_path / "run"
-    run_script("train_gpt_grpo.py", [
-        f"model.tokenizer.model={addition_data / 'tokenizer'}",
-        f"model.data.train_ds.file_path={addition_data / 'prompts_train.jsonl'}",
-        f"model.data.validation_ds.file_path={addition_data / 'prompts_val.jsonl'}",
-        f"exp_manager.explicit_log_dir={run}", "exp_manager.create_tensorboard_logger=false",
-        f"pretrained_checkpoint.restore_from_path={flawed_sft}", f"algorithm.adv_estimator={estimator}",
+    run_script("train_gpt_grpo.py", grpo_overrides(
+        addition_data, run, f"pretrained_checkpoint.restore_from_path={flawed_sft}", f"algorithm.adv_estimator={estimator}",
         f"trainer.grpo.max_steps={STEPS}", f"trainer.grpo.val_check_interval={STEPS}",
         f"trainer.grpo.val_prompts={HELD_OUT}", "trainer.grpo.save_interval=0",
         "model.optim.lr=1e-4", "model.optim.sched.min_lr=1e-4", "model.grpo.num_prompts_per_step=16",
-        "model.grpo.num_generations=8", "model.global_batch_size=64", "model.micro_batch_size=16",
-        "model.encoder_seq_length=16"], timeout=600)
+        "model.grpo.num_generations=8", "model.global_batch_size=64", "model.micro_batch_size=16"), timeout=600)
     rows = read_metrics(run)
     accuracy = dict(series(rows, "val/reward_mean"))
     assert sorted(accuracy) == [0, STEPS], accuracy

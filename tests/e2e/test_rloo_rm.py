@@ -7,7 +7,7 @@ import pytest
 
 from aligner.distributed.launch_env import free_port
 from aligner.evaluation.lexicon_judge import judge_samples
-from tests.e2e.conftest import CriticProcess, read_metrics, run_script, series
+from tests.e2e.conftest import CriticProcess, grpo_overrides, read_metrics, run_script, series
 
 STEPS = 60
 pytestmark = pytest.mark.timeout(3600)  # alone, it builds the session's SFT and RM fixtures first
@@ -20,21 +20,16 @@ def test_rloo_with_the_reward_model_server_raises_vader(movie_data, sft_run, rm_
                            script="serve_reward_model.py", port_key="trainer.rm_server.port").start()
     run = tmp_path / "rloo"
     try:
-        run_script("train_gpt_grpo.py", [
-            f"model.tokenizer.model={movie_data / 'tokenizer'}", f"exp_manager.explicit_log_dir={run}",
-            f"pretrained_checkpoint.restore_from_path={sft_run}",
-            f"model.data.train_ds.file_path={movie_data / 'prompts_train.jsonl'}",
-            f"model.data.validation_ds.file_path={movie_data / 'prompts_val.jsonl'}",
-            "exp_manager.create_tensorboard_logger=false", "algorithm.adv_estimator=rloo",
+        run_script("train_gpt_grpo.py", grpo_overrides(
+            movie_data, run, f"pretrained_checkpoint.restore_from_path={sft_run}", "algorithm.adv_estimator=rloo",
             "reward.functions=[]", "reward.remote_rm.enable=true", f"reward.remote_rm.port={port}",
             "algorithm.use_kl_in_reward=true", "algorithm.kl_ctrl.kl_coef=0.1",
             f"trainer.grpo.max_steps={STEPS}", f"trainer.grpo.val_check_interval={STEPS}",
             "trainer.grpo.save_interval=0", "trainer.grpo.val_prompts=256", "trainer.grpo.val_greedy=false",
             "model.grpo.num_prompts_per_step=16", "model.grpo.num_generations=4", "model.global_batch_size=32",
             "model.micro_batch_size=8", "model.grpo.rollout_micro_batch_size=32", "model.grpo.forward_micro_batch_size=16",
-            "model.encoder_seq_length=64", "model.grpo.length_params.max_length=32",
-            "model.grpo.length_params.min_length=16", "model.optim.lr=1e-4", "model.optim.sched.min_lr=1e-4",
-        ], timeout=1800)
+            "model.grpo.length_params.max_length=32", "model.grpo.length_params.min_length=16",
+            "model.optim.lr=1e-4", "model.optim.sched.min_lr=1e-4", seq_length=64), timeout=1800)
     finally:
         assert server.stop() == 0  # clean shutdown
     rows = read_metrics(run)
