@@ -38,6 +38,7 @@ from aligner.serving.protocol import (
     encode_tensors,
     metrics_from_results,
     results_from_metadata,
+    restore_request_metadata,
     save_request_metadata,
     train_request_metadata,
     validate,
@@ -157,6 +158,17 @@ class CriticClient:
         key = idempotency_key or f"save-{step}-{uuid.uuid4().hex}"
         body = encode_tensors({}, save_request_metadata(step))
         response = self._request("POST", route, body, {IDEMPOTENCY_HEADER: key})
+        _, metadata = self._decode(route, response)
+        try:
+            return results_from_metadata(metadata)
+        except ProtocolError as exc:
+            raise CriticServerError(self.base_url + route, response.status_code, exc.message) from None
+
+    def restore(self, step: int) -> dict:
+        """Rewind the server's state to its own checkpoint of ``step`` (weights, optimizer, the
+        updates it holds); returns the server's description of it."""
+        route = f"/{API_VERSION}/restore"
+        response = self._request("POST", route, encode_tensors({}, restore_request_metadata(step)))
         _, metadata = self._decode(route, response)
         try:
             return results_from_metadata(metadata)

@@ -51,6 +51,7 @@ class Command(enum.IntEnum):
     TRAIN = 2
     SAVE = 3
     STOP = 4
+    RESTORE = 5
 
 
 Tensors = dict[str, torch.Tensor]

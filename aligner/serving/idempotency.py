@@ -109,6 +109,13 @@ class IdempotencyCache:
             entry.response = response
             entry.done.set()
 
+    def forget_finished(self) -> int:
+        """Drop every recorded response (the state they answered for was rewound); returns how many."""
+        with self._lock:
+            dropped = len(self._done)
+            self._done.clear()
+            return dropped
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {

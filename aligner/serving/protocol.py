@@ -402,6 +402,30 @@ def parse_save_request(metadata: Mapping[str, str]) -> int:
     return int(raw)
 
 
+RESTORE_REQUEST: tuple[TensorSpec, ...] = ()
+
+
+def restore_request_metadata(step: int) -> dict[str, str]:
+    """Metadata of a /v1/restore body: the step of one of the server's own checkpoints."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"restore step must be an int >= 1, got {step!r}")
+    return {"step": str(step)}
+
+
+def parse_restore_request(metadata: Mapping[str, str]) -> int:
+    """The step of a /v1/restore body; ProtocolError 400 naming the key when malformed. Only a
+    step is accepted: the server restores from its own checkpoint directory, never a path."""
+    unexpected = sorted(set(metadata) - {"step"})
+    if unexpected:
+        raise ProtocolError(400, f"unexpected metadata key(s) {', '.join(map(repr, unexpected))}; accepted: step")
+    raw = metadata.get("step")
+    if raw is None:
+        raise ProtocolError(400, "missing metadata key 'step' (decimal int >= 1)")
+    if not _is_decimal(raw) or int(raw) < 1:
+        raise ProtocolError(400, f"metadata key 'step' must be a decimal int >= 1, got {raw[:40]!r}")
+    return int(raw)
+
+
 _MAX_STEP_DIGITS = 12  # a PPO step beyond 10^12 is a client bug, not a run
 
 

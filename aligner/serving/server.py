@@ -60,6 +60,7 @@ from aligner.serving.protocol import (
     INFER_REQUEST,
     INFER_RESPONSE,
     REPLAY_HEADER,
+    RESTORE_REQUEST,
     SAVE_REQUEST,
     TRAIN_REQUEST,
     ProtocolError,
@@ -67,6 +68,7 @@ from aligner.serving.protocol import (
     decode_tensors,
     encode_tensors,
     metrics_from_results,
+    parse_restore_request,
     parse_save_request,
     parse_train_request,
     results_to_metadata,
@@ -89,6 +91,8 @@ class CriticHandler(Protocol):
             (+ ``step=N`` keyword when the request is sequenced) -> metrics {name: float}
     save:   (step) -> JSON-able dict, e.g. {"path": ..., "step": ...}; the handler chooses
             where (its own checkpoint directory), never the client
+    restore: (step) -> JSON-able dict; optional: rewind the state to the handler's own
+            checkpoint of that step (the route answers 501 without it)
 
     Optional ``check_request(route, tensors)`` (route "infer" or "train") is called before the
     request waits for the model, and may run concurrently with a call: static checks only
@@ -337,6 +341,26 @@ class _CriticService:
             raise _HttpError(500, f"handler.save must return a dict of JSON values: {exc}") from None
         return RecordedResponse(200, encode_tensors({}, meta), CONTENT_TYPE)
 
+    def restore(self, body: bytes) -> RecordedResponse:
+        """Rewind to the handler's own checkpoint of a step. The recorded train/save responses
+        answered for states after it, so they are forgotten: a re-sent key must run again (the
+        handler's state knows which updates it holds)."""
+        restore = getattr(self.handler, "restore", None)
+        if restore is None:
+            raise _HttpError(501, f"this server's handler cannot restore checkpoints (/{API_VERSION}/restore)")
+        tensors, metadata = self.decode(body)
+        validate(tensors, RESTORE_REQUEST)
+        step = parse_restore_request(metadata)
+        with self.exclusive():
+            result = self.call_handler("restore", restore, step)
+            dropped = self.cache.forget_finished()
+        logger.info("restored the checkpoint of step %d; forgot %d recorded response(s)", step, dropped)
+        try:
+            meta = results_to_metadata(dict(result or {}))
+        except (TypeError, ValueError) as exc:
+            raise _HttpError(500, f"handler.restore must return a dict of JSON values: {exc}") from None
+        return RecordedResponse(200, encode_tensors({}, meta), CONTENT_TYPE)
+
     def idempotent(
         self, scope: str, key: str, body: bytes, run: Callable[[bytes], RecordedResponse]
     ) -> tuple[RecordedResponse, bool]:
@@ -529,6 +553,13 @@ def create_app(
     @app.post(f"/{API_VERSION}/save")
     def save():
         return _idempotent_route(service, "save", service.save)
+
+    @app.post(f"/{API_VERSION}/restore")
+    def restore():
+        with service.admitted():
+            service.require_ready()
+            body = _read_body(settings.max_request_bytes)
+            return _flask_response(_as_record(service.restore, body))
 
     return app
 

@@ -62,6 +62,7 @@ from aligner.serving.protocol import ProtocolError
 from aligner.trainers.reward_model import last_token_values
 from aligner.training import checkpoint
 from aligner.training.config_check import ConfigError
+from aligner.training.optim import load_scheduler_state
 from aligner.training.run import Run
 from aligner.training.step import ForwardOnly, collect_forward, split_micro_batches, train_step
 
@@ -399,6 +400,45 @@ class CriticWorker:
                 log.info("pruned critic checkpoint %s (save_top_k=%d)", old, int(keep))
         self.checkpoint_step = int(step)
         return {"path": str(final), "step": int(step)}
+
+    def check_restore(self, step: int) -> Path:
+        """The server's own complete checkpoint of ``step``; 404/409 naming what exists otherwise."""
+        if self.mode == "rm":
+            raise ProtocolError(409, "this is a reward-model-only server: there is no critic state to restore")
+        path = self.run.checkpoint_dir / checkpoint.step_dir_name(step)
+        if not (path / checkpoint.MARKER).is_file():
+            have = [s for s, _ in checkpoint.list_complete(self.run.checkpoint_dir)]
+            raise ProtocolError(404, f"metadata 'step': the critic has no complete checkpoint of PPO step {step} "
+                                     f"in {self.run.checkpoint_dir} (complete: {have or 'none'}); restart both "
+                                     f"sides from a tied checkpoint pair")
+        return path
+
+    def restore(self, step: int) -> dict[str, Any]:
+        """Rewind to this server's checkpoint of ``step``: weights, Adam state, scheduler, RNG and
+        the record of applied updates, as a restarted server resuming from it would hold. Newer
+        critic checkpoints belong to the abandoned timeline: they are renamed ``*.rewound`` (kept
+        for inspection, never resumed from). Collective."""
+        path = self.check_restore(step)
+        rewound_from = self.trained_step
+        state = checkpoint.load(path, self.run.model, self.run.optimizer)
+        load_scheduler_state(self.run.scheduler, state["scheduler"])
+        self.run.step = int(state["step"])
+        self.applied_train_requests = int(state.get("applied_train_requests", 0))
+        self.trained_step = int(state.get("trained_step", state["ppo_step"]))
+        self.checkpoint_step = int(state["ppo_step"])
+        results = state.get("idempotency_results") or {}
+        self.applied_keys = OrderedDict((key, results.get(key, {})) for key in state.get("idempotency_keys", []))
+        self.last_train = {}
+        if self.run.is_rank_zero:
+            for newer_step, newer in checkpoint.list_complete(self.run.checkpoint_dir):
+                if newer_step > step and "critic_mode" in checkpoint.read_trainer_state(newer):
+                    aside = newer.with_name(newer.name + ".rewound")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.rename(newer, aside)
+                    log.warning("critic checkpoint %s is newer than the restored step %d: moved to %s", newer,
+                                step, aside)
+        log.warning("critic rewound from PPO step %d to its checkpoint of step %d (%s)", rewound_from, step, path)
+        return {"path": str(path), "step": int(step), "rewound_from": int(rewound_from)}
 
     def metrics(self) -> dict[str, Any]:
         layout = self.run.layout

@@ -106,6 +106,11 @@ class CriticFront:
             self.worker.check_save(step)
             return self._everywhere(Command.SAVE, {}, {"step": str(step)}, lambda: self.worker.save(step))
 
+    def restore(self, step: int) -> dict:
+        with self._exclusive():
+            self.worker.check_restore(step)
+            return self._everywhere(Command.RESTORE, {}, {"step": str(step)}, lambda: self.worker.restore(step))
+
     def is_ready(self) -> bool:
         return not self._stopped and self._broken is None
 
@@ -237,6 +242,7 @@ def follow(worker) -> int:
                 Command.TRAIN: lambda tensors, meta: worker.train(
                     tensors, meta.get("key"), int(meta["step"]) if "step" in meta else None),
                 Command.SAVE: lambda tensors, meta: worker.save(int(meta["step"])),
+                Command.RESTORE: lambda tensors, meta: worker.restore(int(meta["step"])),
             },
             device=worker.device,
         )

@@ -28,7 +28,7 @@ from aligner.objectives.ppo import generalized_advantage_estimation, shape_rewar
 from aligner.rollout.batch import Rollouts
 from aligner.rollout.engine import EngineSettings, PolicySignal, RolloutEngine, UpdateSettings, mean_over_dp
 from aligner.rollout.scorers import RemoteCriticScorer
-from aligner.serving.client import CriticClient, CriticRequestError
+from aligner.serving.client import CriticClient, CriticRequestError, CriticServerError
 from aligner.training.config_check import to_plain
 
 log = logging.getLogger("aligner.ppo")
@@ -215,17 +215,35 @@ class PPO:
         return {"critic": {"step": step, **({"path": str(info.get("path"))} if info else {})}}
 
     def resumed(self, engine: RolloutEngine) -> None:
-        """On resume, the critic must be at the same PPO step as the actor's checkpoint."""
+        """On resume the critic must hold exactly the actor checkpoint's steps. A critic that went
+        on past it (the actor died after the critic trained or saved later steps) is rewound to
+        its own checkpoint of that step, which the tied save left in its directory."""
         if self.critic is None:
             return
         self.critic.wait_until_ready(float(self.cfg.remote_critic_rm.total_timeout_s))
-        critic_step = self.critic.metrics().get("handler", {}).get("checkpoint_step")
+        handler = self.critic.metrics().get("handler", {})
+        critic_step, trained = handler.get("checkpoint_step"), handler.get("trained_step")
         step = engine.run.step
-        if step != 0 and critic_step != step:
+        if step == 0:
+            if trained:
+                raise CheckpointPairError(
+                    f"the actor starts from scratch (no checkpoint in {engine.run.checkpoint_dir}) but the critic "
+                    f"server at {self.endpoint} already holds {trained} PPO step(s): restart the critic from "
+                    f"scratch too (a new exp_manager.explicit_log_dir), or resume the actor from its checkpoint")
+            return
+        if critic_step == step and trained == step:
+            return
+        if self.critic_sync is None:  # another data-parallel caller: rank 0's rewind is enough
+            return
+        try:
+            info = self.critic.restore(step)
+        except (CriticRequestError, CriticServerError) as exc:
             raise CheckpointPairError(
                 f"the actor resumed from PPO step {step} (in {engine.run.checkpoint_dir}) but the critic server at "
-                f"{self.endpoint} is at checkpoint step {critic_step}. Restart the critic with the checkpoint of step "
-                f"{step} (the actor's trainer_state.json names it under 'critic'), or start both from scratch.")
+                f"{self.endpoint} is at step {trained} (checkpoint step {critic_step}) and could not rewind to its "
+                f"checkpoint of step {step}: {exc.message}. Restart both sides from a tied checkpoint pair.") from None
+        log.warning("the critic was at PPO step %s (checkpoint step %s); rewound it to its tied checkpoint of step "
+                    "%d (%s)", trained, critic_step, step, info.get("path"))
 
     def close(self) -> None:
         for client in (self.critic, self.reward_model):

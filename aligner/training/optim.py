@@ -117,3 +117,11 @@ def build_optimizer(ddp_model, settings: OptimSettings, dtype: torch.dtype):
         override_opt_param_scheduler=False,
     )
     return optimizer, scheduler
+
+
+def load_scheduler_state(scheduler, state: Mapping[str, Any]) -> None:
+    """Set the LR/WD schedule to a checkpoint's position. Megatron's load_state_dict *adds* the
+    saved step count to the current one, which is only right on a fresh scheduler; rewinding a
+    live one (a critic restoring an older checkpoint) must start the count from zero."""
+    scheduler.num_steps = 0
+    scheduler.load_state_dict(state)

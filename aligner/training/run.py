@@ -17,7 +17,7 @@ from aligner.models.gpt import build_gpt, unwrap
 from aligner.training import checkpoint
 from aligner.training.config_check import check_config, to_plain
 from aligner.training.metrics_log import MetricsLogger
-from aligner.training.optim import OptimSettings, build_optimizer, wrap_data_parallel
+from aligner.training.optim import OptimSettings, build_optimizer, load_scheduler_state, wrap_data_parallel
 
 log = logging.getLogger("aligner")
 
@@ -130,7 +130,7 @@ class Run:
         if latest is not None:
             self.resume_state = checkpoint.load(latest, self.model, self.optimizer)
             self.step = int(self.resume_state["step"])
-            self.scheduler.load_state_dict(self.resume_state["scheduler"])
+            load_scheduler_state(self.scheduler, self.resume_state["scheduler"])
             log.info("resumed from %s at step %d", latest, self.step)
         self.metrics = MetricsLogger(
             self.log_dir, self.cfg.get("name", self.algorithm), csv=bool(em.create_csv_logger),

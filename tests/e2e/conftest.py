@@ -116,22 +116,31 @@ class CriticProcess:
 
     def start(self, timeout: float = 300, fault: str | None = None) -> "CriticProcess":
         """fault: an ALIGNER_FAULT spec (aligner/faults.py): the server kills itself there."""
-        from aligner.serving.client import CriticClient
+        import time
+
+        from aligner.serving.client import CriticClient, CriticUnavailableError
 
         log = open(self.log_path, "a")
         env = child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1", **({"ALIGNER_FAULT": fault} if fault else {}))
         self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / self.script), *self.overrides,
                                       f"{self.port_key}={self.port}"], stdout=log, stderr=subprocess.STDOUT,
                                      env=env, cwd=str(REPO))
-        client = CriticClient("127.0.0.1", self.port, total_timeout_s=timeout)
-        try:
-            client.wait_until_ready(timeout)
-        except Exception:
-            self.proc.kill()
-            raise AssertionError(f"{self.script} did not become ready:\n{self.log_path.read_text()[-4000:]}")
-        finally:
-            client.close()
-        return self
+        deadline = time.monotonic() + timeout
+        with CriticClient("127.0.0.1", self.port, total_timeout_s=2) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    if fault:  # it may reach its fault point before we see it ready: the caller checks
+                        return self
+                    raise AssertionError(f"{self.script} exited with {self.proc.returncode} before it was ready:\n"
+                                         f"{self.log_path.read_text()[-4000:]}")
+                try:
+                    client.wait_until_ready(2)
+                    return self
+                except CriticUnavailableError:
+                    if time.monotonic() > deadline:
+                        self.proc.kill()
+                        raise AssertionError(f"{self.script} did not become ready:\n"
+                                             f"{self.log_path.read_text()[-4000:]}") from None
 
     def metrics(self) -> dict:
         from aligner.serving.client import CriticClient

@@ -78,10 +78,12 @@ def test_ppo_raises_independent_vader_score(ppo_run):
     assert after["positive_response_fraction"] > before["positive_response_fraction"], judged
 
 
+FAULT_STEPS = 6
+SAVE_EVERY = 2  # > 1: after a fault up to two steps' critic updates must come back from the actor
 TINY_ACTOR = ["model.ppo.num_rollout_samples=8", "model.ppo.rollout_micro_batch_size=8", "model.global_batch_size=8",
               "model.micro_batch_size=4", "model.ppo.length_params.max_length=8", "model.ppo.length_params.min_length=8",
-              "trainer.ppo.val_check_interval=0",
-              "trainer.ppo.save_interval=1", "model.ppo.forward_micro_batch_size=8", "model.ppo.use_is_end_mask=false"]
+              "trainer.ppo.val_check_interval=0", f"trainer.ppo.save_interval={SAVE_EVERY}",
+              "model.ppo.forward_micro_batch_size=8", "model.ppo.use_is_end_mask=false"]
 
 
 def _wait_for_step(log_dir, step, proc, timeout=600):
@@ -96,7 +98,8 @@ def _wait_for_step(log_dir, step, proc, timeout=600):
     raise AssertionError(f"actor did not reach step {step}")
 
 
-def _start_actor(args, log):
+def _start_actor(args, log, fault: str | None = None):
+    """fault: an ALIGNER_FAULT spec (aligner/faults.py): the actor kills itself there."""
     import subprocess
     import sys
 
@@ -104,26 +107,41 @@ def _start_actor(args, log):
     from tests.launch import REPO, child_env
 
     return subprocess.Popen([sys.executable, str(SCRIPTS / "train_gpt_ppo_actor.py"), *args], cwd=str(REPO),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env=child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1"))
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            env=child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1",
+                                          **({"ALIGNER_FAULT": fault} if fault else {})))
 
 
-FAULT_STEPS = 4
-
-
-def _tiny_ppo(movie_data, sft_run, rm_run, root, critic_fault: str | None = None) -> dict:
-    """A tiny PPO run saving at every step; with critic_fault (an ALIGNER_FAULT spec) the critic
-    kills itself there and is restarted at once on the same port. Returns the critic's metrics."""
+def _tiny_ppo(movie_data, sft_run, rm_run, root, critic_faults=(), actor_faults=()) -> dict:
+    """A tiny PPO run of FAULT_STEPS steps saving every SAVE_EVERY. Each entry of critic_faults /
+    actor_faults is an ALIGNER_FAULT spec for one life of that process: it kills itself there
+    (SIGKILL) and is started again at once, with the next spec, until none is left. The actor is
+    restarted with the same command (it resumes from its last checkpoint). Returns the critic's
+    metrics at the end."""
     port = free_port()
-    critic = CriticProcess(_critic_overrides(rm_run, root / "critic", FAULT_STEPS), port,
-                           root / "critic.log").start(fault=critic_fault)
-    actor = _start_actor(_actor_overrides(movie_data, sft_run, root / "actor", port, FAULT_STEPS,
-                                          [*TINY_ACTOR, "remote_critic_rm.total_timeout_s=300"]), root / "actor.log")
+    critic_lives, actor_lives = list(critic_faults), list(actor_faults)
+    critic = CriticProcess(_critic_overrides(rm_run, root / "critic", FAULT_STEPS), port, root / "critic.log")
+    critic.start(fault=critic_lives.pop(0) if critic_lives else None)
+    actor_args = _actor_overrides(movie_data, sft_run, root / "actor", port, FAULT_STEPS,
+                                  [*TINY_ACTOR, "remote_critic_rm.total_timeout_s=300"])
+    actor = _start_actor(actor_args, root / "actor.log", fault=actor_lives.pop(0) if actor_lives else None)
+    kills = {"critic": 0, "actor": 0}
     try:
-        if critic_fault:
-            assert critic.proc.wait(timeout=600) == -signal.SIGKILL, (root / "critic.log").read_text()[-3000:]
-            critic.start()  # at once: the port must bind again right away
-        assert actor.wait(timeout=900) == 0, (root / "actor.log").read_text()[-4000:]
+        deadline = time.time() + 1500
+        while actor.poll() != 0:
+            assert time.time() < deadline, "tiny PPO run did not finish in time"
+            if critic.proc.poll() is not None:
+                assert critic.proc.returncode == -signal.SIGKILL, (root / "critic.log").read_text()[-3000:]
+                kills["critic"] += 1
+                critic.start(fault=critic_lives.pop(0) if critic_lives else None)  # at once, on the same port
+            if actor.poll() is not None and actor.returncode != 0:
+                assert actor.returncode == -signal.SIGKILL, (root / "actor.log").read_text()[-4000:]
+                kills["actor"] += 1
+                actor = _start_actor(actor_args, root / "actor.log",
+                                     fault=actor_lives.pop(0) if actor_lives else None)
+            time.sleep(0.2)
+        # every planned fault fired: a spec that never triggered would make the test vacuous
+        assert kills == {"critic": len(critic_faults), "actor": len(actor_faults)}, kills
         return critic.metrics()["handler"]
     finally:
         if actor.poll() is None:
@@ -142,31 +160,85 @@ def _final_weights(root, side: str) -> dict:
     return checkpoint_tensors(root / side / "checkpoints" / f"step_{FAULT_STEPS:07d}" / "weights")
 
 
-@pytest.mark.parametrize("fault", ["critic.before_save@2", "critic.train@3"],
-                         ids=["after-train-answered-before-save", "during-train"])
-def test_critic_killed_at_named_point_loses_no_update(movie_data, sft_run, rm_run, uninterrupted_tiny_ppo,
-                                                      tmp_path, fault):
-    """SIGKILL of the critic at a named point, restart at once on the same port: every PPO step's
-    critic update is in the critic's state exactly once and in order, every checkpoint is labelled
-    with the step its state has reached, and the final actor and critic weights equal those of the
-    same run without the fault."""
-    handler = _tiny_ppo(movie_data, sft_run, rm_run, tmp_path, critic_fault=fault)
-    assert handler["trained_step"] == handler["applied_train_requests"] == FAULT_STEPS
-    states = sorted((tmp_path / "critic" / "checkpoints").glob("step_*/trainer_state.json"))
+def _per_step(root) -> dict[int, dict[str, float]]:
+    """Each step's last logged metrics (a resumed run logs the replayed steps again)."""
+    steps = {}
+    for record in read_metrics(root / "actor"):
+        steps.setdefault(int(record["step"]), {}).update(record)
+    return steps
+
+
+def _assert_same_run(got_root, want_root) -> None:
+    """Final actor and critic weights and Adam moments, and every step's losses, rewards and KL,
+    equal those of the uninterrupted run within 1e-6 (fp32)."""
+    for side in ("critic", "actor"):
+        got, want = _final_weights(got_root, side), _final_weights(want_root, side)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=f"{side} {name}")
+    got, want = _per_step(got_root), _per_step(want_root)
+    assert sorted(got) == sorted(want) == list(range(1, FAULT_STEPS + 1))
+    compared = [k for k in want[FAULT_STEPS] if "loss" in k or k in ("rollout/reward_mean", "rollout/kl")]
+    assert any(k.startswith("critic/") for k in compared) and any("loss" in k for k in compared), compared
+    for step in want:
+        for key in compared:
+            assert abs(got[step][key] - want[step][key]) <= 1e-6, (step, key, got[step][key], want[step][key])
+
+
+def _assert_labels_match_states(critic_dir) -> None:
+    """Every critic checkpoint holds exactly the updates of steps 1..its label, in order."""
+    states = sorted((critic_dir / "checkpoints").glob("step_*/trainer_state.json"))
     assert states
     for path in states:
         state = json.loads(path.read_text())
         keys = state["idempotency_keys"]
         assert state["ppo_step"] == state["trained_step"] == state["step"], path
         assert [int(k.rsplit(":", 1)[1]) for k in keys] == list(range(1, state["ppo_step"] + 1)), (path, keys)
+
+
+# One critic life per entry; the actor runs throughout. Saves are at steps 2, 4 and 6, so each
+# kill below leaves the critic's last checkpoint at step 2 while the actor is at step 3 or 4.
+CRITIC_KILLS = [
+    "critic.infer@3",               # during step 3's infer
+    "critic.train@2",               # during a train: step 4's (after step 3's), before it is answered
+    "critic.before_save@1",         # after step 4's train was answered, before its save
+    "checkpoint.before_commit@1",   # during the save of step 4: files written, COMPLETE marker not
+]
+# One actor life per entry; the critic runs throughout. The actor resumes from step 2 each time.
+ACTOR_KILLS = [
+    "actor.generate@3",             # during step 3's generation
+    "checkpoint.before_commit@1",   # during its save of step 4, after the critic saved step 4
+    "actor.update@1",               # during step 3's policy update, after step 3's critic train was sent
+]
+
+
+def test_critic_killed_at_every_named_point_loses_no_update(movie_data, sft_run, rm_run, uninterrupted_tiny_ppo,
+                                                            tmp_path):
+    """SIGKILL of the critic at each named point in turn, restart at once on the same port: every
+    PPO step's critic update is in the critic's state exactly once and in order, every checkpoint
+    is labelled with the step its state has reached, and the run equals the uninterrupted one."""
+    handler = _tiny_ppo(movie_data, sft_run, rm_run, tmp_path, critic_faults=CRITIC_KILLS)
+    assert handler["trained_step"] == FAULT_STEPS
+    _assert_labels_match_states(tmp_path / "critic")
     actor_log = (tmp_path / "actor.log").read_text()
-    if fault.startswith("critic.before_save"):  # the critic restarted without step 2's update
-        assert "re-sending the critic update of PPO step 2" in actor_log, actor_log[-3000:]
-    for side in ("critic", "actor"):
-        got, want = _final_weights(tmp_path, side), _final_weights(uninterrupted_tiny_ppo, side)
-        assert got.keys() == want.keys()
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=f"{side} {name}")
+    for step in (3, 4):  # the critic restarted at step 2 without them
+        assert f"re-sending the critic update of PPO step {step}" in actor_log, actor_log[-3000:]
+    _assert_same_run(tmp_path, uninterrupted_tiny_ppo)
+
+
+def test_actor_killed_at_every_named_point_resumes_exactly(movie_data, sft_run, rm_run, uninterrupted_tiny_ppo,
+                                                           tmp_path):
+    """SIGKILL of the actor at each named point in turn, restarted with the same command: it
+    resumes from its last checkpoint, rewinds the critic (which went on past it) to their tied
+    checkpoint, and the run equals the uninterrupted one: weights, Adam moments, per-step losses."""
+    handler = _tiny_ppo(movie_data, sft_run, rm_run, tmp_path, actor_faults=ACTOR_KILLS)
+    assert handler["trained_step"] == FAULT_STEPS
+    _assert_labels_match_states(tmp_path / "critic")
+    actor_log = (tmp_path / "actor.log").read_text()
+    assert "rewound it to its tied checkpoint of step 2" in actor_log, actor_log[-3000:]
+    rewound = sorted(p.name for p in (tmp_path / "critic" / "checkpoints").glob("*.rewound"))
+    assert rewound == ["step_0000004.rewound"], rewound  # the abandoned timeline's save, set aside
+    _assert_same_run(tmp_path, uninterrupted_tiny_ppo)
 
 
 def test_actor_fails_clearly_when_critic_stays_down(movie_data, sft_run, rm_run, tmp_path):

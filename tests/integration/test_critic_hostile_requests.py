@@ -249,6 +249,13 @@ def hostile_requests(vocab: int, context: int) -> list[tuple]:
         ("save a step not reached", "POST", "/v1/save", body({}, {"step": "3"}), key("s-3"), 409,
          ["'step'", "critic_step=0"]),
         ("save without key", "POST", "/v1/save", body({}, {"step": "0"}), {}, 400, ["Idempotency-Key"]),
+        # -- /v1/restore: only the server's own checkpoints, by step --
+        ("restore with a path", "POST", "/v1/restore", body({}, {"step": "1", "path": "/tmp"}), {}, 400, ["'path'"]),
+        ("restore step zero", "POST", "/v1/restore", body({}, {"step": "0"}), {}, 400, ["'step'", ">= 1"]),
+        ("restore without step", "POST", "/v1/restore", body({}), {}, 400, ["'step'"]),
+        ("restore a step never saved", "POST", "/v1/restore", body({}, {"step": "7"}), {}, 404,
+         ["'step'", "no complete checkpoint of PPO step 7"]),
+        ("restore with a tensor", "POST", "/v1/restore", body({"x": torch.zeros(1)}, {"step": "1"}), {}, 400, ["'x'"]),
         # -- auth and routing --
         ("missing auth", "POST", "/v1/infer", infer_body(ok_tokens, ok_lengths), {"Authorization": None}, 401,
          ["Authorization"]),
