@@ -57,6 +57,16 @@ def check_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
     return world_size // (tp * pp)
 
 
+def check_expert_parallel(ep: int, data_parallel: int) -> None:
+    """Experts are split over the data-parallel ranks (megatron's expert-data-parallel groups are
+    what is left): EP must divide the data-parallel size."""
+    if ep < 1 or data_parallel % ep:
+        raise ParallelConfigError(
+            f"model.expert_model_parallel_size={ep} must be >= 1 and divide the data-parallel size {data_parallel} "
+            "(world size / (model.tensor_model_parallel_size x model.pipeline_model_parallel_size))"
+        )
+
+
 # trainer.devices values that mean "as many as the launcher started" (NeMo/Lightning spellings).
 _AUTO_DEVICES = (None, "auto", -1, "-1")
 ALLOW_CPU_ENV = "ALIGNER_ALLOW_CPU"
@@ -125,6 +135,7 @@ def initialize(
     env: dict | None = None,
     devices=None,
     num_nodes=None,
+    expert_parallel: int = 1,
 ) -> ParallelLayout:
     """Initialise the process group (if needed), megatron's model-parallel groups and RNG.
 
@@ -156,10 +167,12 @@ def initialize(
         )
     world = dist.get_world_size()
     dp = check_parallel_sizes(world, tensor_parallel, pipeline_parallel)
+    check_expert_parallel(expert_parallel, dp)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
     )
     seed_everything(seed)
     layout = ParallelLayout(
@@ -176,8 +189,8 @@ def initialize(
     )
     if layout.rank == 0:
         log.info(
-            "distributed: launcher=%s world=%d tp=%d pp=%d dp=%d backend=%s",
-            launch.launcher, world, tensor_parallel, pipeline_parallel, dp, dist.get_backend(),
+            "distributed: launcher=%s world=%d tp=%d pp=%d dp=%d ep=%d backend=%s",
+            launch.launcher, world, tensor_parallel, pipeline_parallel, dp, expert_parallel, dist.get_backend(),
         )
     return layout
 

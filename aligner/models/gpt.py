@@ -76,6 +76,9 @@ def build_gpt(
     # Expert parallelism is a layout of the process groups (model.expert_model_parallel_size, set
     # where the groups are made); the model follows whatever megatron was initialised with.
     expert_parallel = parallel_state.get_expert_model_parallel_world_size() if config.num_experts else 1
+    if not config.num_experts and parallel_state.get_expert_model_parallel_world_size() > 1:
+        raise ValueError(f"model.expert_model_parallel_size={parallel_state.get_expert_model_parallel_world_size()} "
+                         "needs a mixture-of-experts model (model.num_experts, or a Mixtral checkpoint)")
     if config.num_experts and config.num_experts % expert_parallel:
         raise ValueError(f"num_experts={config.num_experts} is not divisible by "
                          f"model.expert_model_parallel_size={expert_parallel}")

@@ -24,7 +24,8 @@ log = logging.getLogger("aligner")
 # Keys of cfg.model that describe the network (NeMo-style: they sit directly under `model`).
 ARCH_KEYS = ("arch", "vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
              "num_query_groups", "max_position_embeddings", "rope_theta", "norm_eps", "tie_word_embeddings",
-             "hidden_dropout", "attention_dropout", "init_method_std", "attention_backend")
+             "hidden_dropout", "attention_dropout", "init_method_std", "attention_backend", "num_experts",
+             "moe_router_topk")
 
 
 def configure_logging(rank: int) -> None:
@@ -76,7 +77,8 @@ class Run:
         tp = int(cfg.model.tensor_model_parallel_size)
         pp = int(cfg.model.pipeline_model_parallel_size)
         self.layout = dist_setup.initialize(tp, pp, seed=int(cfg.model.seed), devices=cfg.trainer.get("devices"),
-                                            num_nodes=cfg.trainer.get("num_nodes"))
+                                            num_nodes=cfg.trainer.get("num_nodes"),
+                                            expert_parallel=int(cfg.model.get("expert_model_parallel_size", 1)))
         configure_logging(self.layout.rank)
         if os.environ.get("ALIGNER_NUM_THREADS"):
             torch.set_num_threads(int(os.environ["ALIGNER_NUM_THREADS"]))
