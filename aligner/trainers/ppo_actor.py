@@ -217,9 +217,14 @@ class PPO:
     def resumed(self, engine: RolloutEngine) -> None:
         """On resume the critic must hold exactly the actor checkpoint's steps. A critic that went
         on past it (the actor died after the critic trained or saved later steps) is rewound to
-        its own checkpoint of that step, which the tied save left in its directory."""
-        if self.critic is None:
-            return
+        its own checkpoint of that step, which the tied save left in its directory. Every rank
+        waits for that before its first infer."""
+        if self.critic is not None:
+            self._pair_with_critic(engine)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def _pair_with_critic(self, engine: RolloutEngine) -> None:
         self.critic.wait_until_ready(float(self.cfg.remote_critic_rm.total_timeout_s))
         handler = self.critic.metrics().get("handler", {})
         critic_step, trained = handler.get("checkpoint_step"), handler.get("trained_step")

@@ -64,3 +64,43 @@ def test_greedy_generation_matches_transformers():
     assert len(theirs) == NEW_TOKENS  # the story does not end early: all 32 tokens are compared
     assert ours == theirs, (tokenizer.decode(ours), tokenizer.decode(theirs))
     assert diff < 1e-3
+
+
+SAMPLER_WORKER = Path(__file__).with_name("smollm2_sampler_worker.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_kv_cache_sampler_matches_transformers_generate(tensor_parallel, tmp_path):
+    """Our KV-cache sampler (the one rollouts use), greedy, on a batch of three chat prompts of
+    different lengths: each row's 64 new tokens equal transformers' generate on that prompt alone
+    (EOS held off for 64 tokens on both sides), at TP=1 and TP=2."""
+    _require_smollm2()
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from aligner.models.hf import gguf
+    from tests.launch import REPO, check, child_env, torchrun
+
+    out = tmp_path / "generated.pt"
+    if tensor_parallel == 1:
+        import subprocess
+
+        check(subprocess.run([sys.executable, str(SAMPLER_WORKER), str(out)], capture_output=True, text=True,
+                             timeout=900, env=child_env(ALIGNER_NUM_THREADS="2", OMP_NUM_THREADS="2"), cwd=str(REPO)))
+    else:
+        check(torchrun(SAMPLER_WORKER, [out], nproc=tensor_parallel, timeout=900))
+    saved = torch.load(out)
+    from tests.integration.smollm2_sampler_worker import NEW_TOKENS
+
+    assert len(set(saved["prompt_lengths"].tolist())) == 3  # really different lengths in one batch
+    assert saved["response_lengths"].tolist() == [NEW_TOKENS] * 3
+    reference = AutoModelForCausalLM.from_pretrained(gguf.smollm2_hf_dir(), dtype=torch.float32).eval()
+    for row, length in enumerate(saved["prompt_lengths"].tolist()):
+        ours = saved["tokens"][row, :length + NEW_TOKENS]
+        with torch.no_grad():
+            theirs = reference.generate(ours[None, :length], attention_mask=torch.ones(1, length, dtype=torch.long),
+                                        do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                        pad_token_id=0)[0]
+        assert torch.equal(ours, theirs), (row, ours[length:].tolist(), theirs[length:].tolist())

@@ -107,7 +107,8 @@ def test_too_many_problems_requested():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--digits", "0..2"], "--digits"), (["--sft-trailing-zero-rate", "1.5"], "--sft-trailing-zero-rate"), (["--operators", "/"], "--operators"), (["--val-size", "0"], "--val-size"),
+    (["--digits", "0..2"], "--digits"), (["--sft-trailing-zero-rate", "1.5"], "--sft-trailing-zero-rate"),
+    (["--prompt-format", "What is {x}?"], "--prompt-format"), (["--prompt-format", "Add!"], "--prompt-format"), (["--operators", "/"], "--operators"), (["--val-size", "0"], "--val-size"),
 ])
 def test_bad_flags(tmp_path, argv, match, capsys):
     with pytest.raises(SystemExit) as e:
@@ -135,6 +136,21 @@ def test_flawed_teacher_only_touches_sft_answers(prepared, tmp_path):
     assert 0.5 < flawed / 250 < 0.7, flawed
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["arguments"]["sft_trailing_zero_rate"] == 0.6
+
+
+def test_prompt_format_words_only_the_rollout_prompts(prepared, tmp_path):
+    """--prompt-format: the RL prompts become instructions around the same problems (an
+    instruction-tuned model's recipe); answers, SFT files and the validation problems stay."""
+    clean, _ = prepared
+    arithmetic.prepare(["--output-dir", str(tmp_path), "--seed", "3", *SMALL,
+                        "--prompt-format", "What is {expression}? Reply with only the number."])
+    for name in ("sft_train.jsonl", "sft_val.jsonl"):
+        assert (tmp_path / name).read_bytes() == (clean / name).read_bytes()
+    for name in ("prompts_train.jsonl", "prompts_val.jsonl"):
+        for plain, worded in zip(_records(clean / name), _records(tmp_path / name)):
+            assert worded == {**plain, "prompt": f"What is {plain['prompt'][:-1]}? Reply with only the number."}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["arguments"]["prompt_format"] == "What is {expression}? Reply with only the number."
 
 
 def test_files_load_with_the_readers_one_token_per_character(prepared):

@@ -158,6 +158,22 @@ def flawed_answer(record: Dict[str, str], rng: random.Random, rate: float) -> Di
     return record
 
 
+def worded(problem: str, prompt_format: str) -> str:
+    """A rollout prompt: ``prompt_format`` with {problem} = '37+48=' and {expression} = '37+48'."""
+    return prompt_format.format(problem=problem, expression=problem.rstrip("="))
+
+
+def check_prompt_format(prompt_format: str) -> None:
+    """SystemExit naming --prompt-format unless it places the problem exactly through its fields."""
+    try:
+        text = worded("1+2=", prompt_format)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise SystemExit(f"--prompt-format {prompt_format!r}: only {{problem}} and {{expression}} may be used "
+                         f"({type(exc).__name__}: {exc})") from None
+    if "1+2" not in text:
+        raise SystemExit(f"--prompt-format {prompt_format!r} must contain {{problem}} or {{expression}}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aligner.data.prep.arithmetic",
                                      description=__doc__.split("\n\n")[0])
@@ -176,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a flawed SFT teacher: append a spurious '0' to this fraction of the SFT answers "
                              "(e.g. 85 -> 850), chosen by a seeded draw. A warm start that can add but whose "
                              "greedy answers are often wrong: room for RL to improve (default 0: exact answers)")
+    parser.add_argument("--prompt-format", default="{problem}", metavar="FORMAT",
+                        help="how a rollout prompt (prompts_*.jsonl) is worded: {problem} is '37+48=', "
+                             "{expression} is '37+48'; e.g. 'What is {expression}? Reply with only the number.' "
+                             "for an instruction-tuned model (default: the bare problem)")
     parser.add_argument("--vocab-size", type=int, default=258,
                         help="tokenizer size; 258 = 256 bytes + 2 special tokens, i.e. no merges: one token per digit")
     return parser
@@ -188,6 +208,7 @@ def prepare(argv: Optional[Sequence[str]] = None) -> Dict:
     for name, size in sizes.items():
         if size < 0 or (size == 0 and name in ("train", "val")):
             raise SystemExit(f"--{name.replace('_', '-')}-size={size}: must be {'>= 1' if name in ('train', 'val') else '>= 0'}")
+    check_prompt_format(args.prompt_format)
     if not 0.0 <= args.sft_trailing_zero_rate <= 1.0:
         raise SystemExit(f"--sft-trailing-zero-rate={args.sft_trailing_zero_rate}: must be in [0, 1]")
     problems = generate_problems(sum(sizes.values()), args.digits, args.operators, args.negative_results, args.seed)
@@ -212,6 +233,8 @@ def prepare(argv: Optional[Sequence[str]] = None) -> Dict:
         records = [p.record() for p in part]
         if name.startswith("sft_"):
             records = [flawed_answer(r, flaw, args.sft_trailing_zero_rate) for r in records]
+        else:
+            records = [{**r, "prompt": worded(r["prompt"], args.prompt_format)} for r in records]
         write_jsonl(path, records)
         files[name] = {"records": len(part), "sha256": sha256_file(path)}
 
@@ -234,6 +257,7 @@ def prepare(argv: Optional[Sequence[str]] = None) -> Dict:
             "val_size": args.val_size,
             "vocab_size": args.vocab_size,
             "sft_trailing_zero_rate": args.sft_trailing_zero_rate,
+            "prompt_format": args.prompt_format,
         },
         "distinct_problems_available": count_problems(args.digits, args.operators, args.negative_results),
         "files": files,
