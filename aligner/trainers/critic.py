@@ -40,6 +40,7 @@ restarted actor replays exactly the requests after that step.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -47,7 +48,7 @@ import os
 import shutil
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -62,6 +63,7 @@ from aligner.serving.protocol import ProtocolError
 from aligner.trainers.reward_model import last_token_values
 from aligner.training import checkpoint
 from aligner.training.config_check import ConfigError
+from aligner.training.offload import OptimizerStateOffloader
 from aligner.training.optim import load_scheduler_state
 from aligner.training.run import Run
 from aligner.training.step import ForwardOnly, collect_forward, split_micro_batches, train_step
@@ -229,7 +231,7 @@ class CriticWorker:
     def __init__(self, run: Run, mode: str, *, inference_micro_batch_size: int, loss_clip_val: float | None,
                  critic_epochs: int = 1, critic_mini_batches: int = 1, reward_weights: ParkedWeights | None = None,
                  reward_stats: tuple[float, float] | None = None, restored: dict | None = None,
-                 remembered_keys: int = 1024):
+                 remembered_keys: int = 1024, offload_adam_states: bool = False, offload_device: str = "cpu"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "critic+rm" and reward_weights is None:
@@ -255,6 +257,23 @@ class CriticWorker:
             (key, results.get(key, {})) for key in restored.get("idempotency_keys", [])
         )
         self.last_train: dict[str, float] = {}
+        # model.offload_adam_states: Adam's moments live in host memory between train requests
+        # (the accelerator holds them only inside train, save and restore), bitwise unchanged.
+        self.offloader = OptimizerStateOffloader(run.optimizer, offload_device) if offload_adam_states else None
+        if self.offloader is not None:
+            self.offloader.offload()
+
+    @contextlib.contextmanager
+    def adam_states_on_device(self) -> Iterator[None]:
+        """Adam states where the optimizer needs them for the duration; back to host afterwards."""
+        if self.offloader is None:
+            yield
+            return
+        self.offloader.restore()
+        try:
+            yield
+        finally:
+            self.offloader.offload()
 
     # -- checks rank 0 makes before broadcasting (a bad request must not reach the followers) --
 
@@ -350,18 +369,8 @@ class CriticWorker:
         data["mask"] = ((tensors["mask"].to(self.device) != 0) & length_mask(data["lengths"], seq)).float()
         micro_size = self.run.micro_batch_size
 
-        steps = []
-        for _ in range(self.epochs):
-            for rows in mini_batch_slices(data["tokens"].shape[0], self.mini_batches):
-                mini = {name: tensor[rows] for name, tensor in data.items()}
-                # Every rank holds the whole request, so all of them skip the same steps.
-                if not bool(mini["mask"].any()):
-                    continue
-                share, real = split_for_rank(mini, layout.dp_rank, layout.data_parallel)
-                share["mask"][real:] = 0  # rows repeated to even out the DP shares do not count
-                micro = split_micro_batches(pad_rows(share, micro_size, zero_fields=("mask",)), micro_size)
-                steps.append(train_step(self.run.model, self.run.optimizer, self.run.scheduler, self.loss, micro))
-
+        with self.adam_states_on_device():
+            steps = self._optimizer_steps(data, micro_size, layout)
         fault_point("critic.train")
         self.applied_train_requests += 1
         self.trained_step = step if step is not None else self.trained_step + 1
@@ -376,6 +385,21 @@ class CriticWorker:
             while len(self.applied_keys) > self.remembered_keys:
                 self.applied_keys.popitem(last=False)
         return result
+
+    def _optimizer_steps(self, data: dict[str, torch.Tensor], micro_size: int, layout) -> list[dict[str, float]]:
+        steps = []
+        for _ in range(self.epochs):
+            for rows in mini_batch_slices(data["tokens"].shape[0], self.mini_batches):
+                mini = {name: tensor[rows] for name, tensor in data.items()}
+                # Every rank holds the whole request, so all of them skip the same steps.
+                if not bool(mini["mask"].any()):
+                    continue
+                share, real = split_for_rank(mini, layout.dp_rank, layout.data_parallel)
+                share["mask"][real:] = 0  # rows repeated to even out the DP shares do not count
+                micro = split_micro_batches(pad_rows(share, micro_size, zero_fields=("mask",)), micro_size)
+                steps.append(train_step(self.run.model, self.run.optimizer, self.run.scheduler, self.loss, micro))
+
+        return steps
 
     def save(self, step: int) -> dict[str, Any]:
         """Native checkpoint ``step_<step>`` under exp_manager.explicit_log_dir/checkpoints (where
@@ -392,8 +416,9 @@ class CriticWorker:
             "critic_mode": self.mode,
         }
         directory = self.run.checkpoint_dir
-        final = checkpoint.save(directory, self.run.step, self.run.model, self.run.optimizer,
-                                self.run.trainer_state(extra), keep_last=None)
+        with self.adam_states_on_device():
+            final = checkpoint.save(directory, self.run.step, self.run.model, self.run.optimizer,
+                                    self.run.trainer_state(extra), keep_last=None)
         keep = self.run.cfg.exp_manager.checkpoint_callback_params.save_top_k
         if keep and self.run.is_rank_zero:
             for old in prune_critic_checkpoints(directory, int(keep)):
@@ -420,7 +445,8 @@ class CriticWorker:
         for inspection, never resumed from). Collective."""
         path = self.check_restore(step)
         rewound_from = self.trained_step
-        state = checkpoint.load(path, self.run.model, self.run.optimizer)
+        with self.adam_states_on_device():
+            state = checkpoint.load(path, self.run.model, self.run.optimizer)
         load_scheduler_state(self.run.scheduler, state["scheduler"])
         self.run.step = int(state["step"])
         self.applied_train_requests = int(state.get("applied_train_requests", 0))
@@ -449,6 +475,7 @@ class CriticWorker:
             "trained_step": self.trained_step,
             "checkpoint_step": self.checkpoint_step,
             "remembered_keys": len(self.applied_keys),
+            "adam_states_offloaded": bool(self.offloader is not None and self.offloader.offloaded),
             "reward_standardization": (None if self.reward_stats is None
                                        else {"mean": self.reward_stats[0], "std": self.reward_stats[1]}),
             "last_train": dict(self.last_train),
@@ -554,9 +581,6 @@ def build_worker(cfg: DictConfig, schema, loop_key: str, mode: str) -> CriticWor
             raise ConfigError(f"trainer.{loop_key}.{key} must be >= 1, got {value}")
     run_cfg = _prepare_config(cfg, int(loop_cfg.max_steps) * epochs * mini_batches, mode == "rm")
     run = Run(run_cfg, loop_key, schema, scalar_head=True, resume=False)
-    if bool(cfg.model.get("offload_adam_states", False)):
-        log.warning("model.offload_adam_states=true is not implemented by the critic server yet; Adam states "
-                    "stay on the accelerator")
     rm_state = _check_reward_model(run, needs_rm=mode != "critic")
     stats = None
     if mode != "critic":
@@ -579,6 +603,8 @@ def build_worker(cfg: DictConfig, schema, loop_key: str, mode: str) -> CriticWor
         critic_epochs=epochs, critic_mini_batches=mini_batches, reward_weights=reward_weights,
         reward_stats=stats, restored=restored,
         remembered_keys=int(loop_cfg.get("idempotency_cache_size", 1024) or 1024),
+        offload_adam_states=bool(cfg.model.get("offload_adam_states", False)),
+        offload_device=str(cfg.model.get("offload_device", "cpu")),
     )
 
 

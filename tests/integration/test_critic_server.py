@@ -283,6 +283,9 @@ def servers(reward_model):
         # token only from the environment; a short follower watchdog for the SIGKILL test
         "dp2": ServerProcess("dp2", SERVE_CRITIC, root, critic_overrides(reward_model), nproc=2, token=DP2_TOKEN,
                              ALIGNER_CRITIC_TOKEN=DP2_TOKEN, ALIGNER_FOLLOWER_TIMEOUT_S=str(FOLLOWER_TIMEOUT_S)),
+        # Adam's moments in host memory between train requests (model.offload_adam_states)
+        "offload": ServerProcess("offload", SERVE_CRITIC, root,
+                                 [*critic_overrides(reward_model), "model.offload_adam_states=true"]),
         # tensor parallelism 2: both ranks compute halves of every layer on the same rows
         "rm": ServerProcess("rm", SERVE_RM, root, [f"pretrained_checkpoint.restore_from_path={reward_model['run_dir']}",
                                                    "trainer.rm_server.inference_micro_batch_size=2",
@@ -410,6 +413,39 @@ def test_train_lowers_value_loss_and_dp2_matches_single_process(servers, rm_weig
     # the reward model's weights are parked, not trained
     for name in ("single", "dp2"):
         torch.testing.assert_close(after[name]["rewards"], servers["initial"][name]["rewards"], atol=1e-6, rtol=0)
+
+
+def test_offloaded_adam_states_train_bitwise_like_resident_ones(servers, rm_weights, reward_model, tmp_path):
+    """model.offload_adam_states=true: between train requests the critic's Adam moments are in
+    host memory (the optimizer's own tensors are emptied), and training is bitwise unchanged:
+    the same three updates give identical metrics and identical values afterwards as a server
+    that keeps them resident (both started from the same RM, trained by nothing else)."""
+    from tests.e2e.conftest import checkpoint_tensors
+
+    single, offload = servers["jobs"]["single"], servers["jobs"]["offload"]
+    request, _ = _train_request(servers, rm_weights, reward_model)
+    fresh = ServerProcess("resident", SERVE_CRITIC, reward_model["root"], critic_overrides(reward_model))
+    try:
+        resident = fresh.wait_ready()
+        assert offload.client.metrics()["handler"]["adam_states_offloaded"] is True
+        for i in range(3):
+            a = resident.train(request, f"offload-{i}")
+            b = offload.client.train(request, f"offload-{i}")
+            assert a == b, (i, a, b)  # bitwise: every float of the metrics
+            assert offload.client.metrics()["handler"]["adam_states_offloaded"] is True
+            assert resident.metrics()["handler"]["adam_states_offloaded"] is False
+        tokens, lengths = servers["tokens"], servers["lengths"]
+        assert torch.equal(resident.infer(tokens, lengths)["values"], offload.client.infer(tokens, lengths)["values"])
+        saved = {name: Path(client.save(3, idempotency_key=f"offload-save-{name}")["path"])
+                 for name, client in (("resident", resident), ("offload", offload.client))}
+    finally:
+        fresh.kill()
+    got, want = checkpoint_tensors(saved["offload"] / "weights"), checkpoint_tensors(saved["resident"] / "weights")
+    moments = [k for k in want if "exp_avg" in k]
+    assert moments and got.keys() == want.keys()
+    for name in want:  # weights and Adam moments, bit for bit, though the moments spent the gaps on the host
+        assert torch.equal(got[name], want[name]), name
+    assert single.client.metrics()["handler"]["adam_states_offloaded"] is False
 
 
 def test_replayed_key_does_not_train_again(servers, rm_weights, reward_model):

@@ -12,7 +12,7 @@ from aligner.data.prep import arithmetic
 from aligner.data.prompts import PromptDataset
 from aligner.data.sft import SFTDataset
 from aligner.data.tokenizer import Tokenizer
-from aligner.rollout.rewards.arithmetic import exact_match, first_integer
+from aligner.rollout.rewards.arithmetic import exact_match, final_answer_match, first_integer, last_integer
 
 FILES = ("prompts_train.jsonl", "prompts_val.jsonl", "sft_train.jsonl", "sft_val.jsonl")
 SMALL = ["--train-size", "300", "--sft-size", "200", "--sft-val-size", "50", "--val-size", "100"]
@@ -192,3 +192,11 @@ def test_exact_match_through_the_reward_worker(prepared):
         result = fns([r["prompt"] for r in rows], responses, answer=[r["answer"] for r in rows])
     want = [1.0 if i % 2 == 0 or r["answer"] == "0" else 0.0 for i, r in enumerate(rows)]
     assert result.rewards.tolist() == want and result.valid.all()
+
+
+def test_last_integer_and_final_answer_match():
+    assert [last_integer(t) for t in ("37 + 48 = 85", "85", "-3 then -12", "none", "")] == [85, 85, -12, None, None]
+    responses = ["37 + 48 = 85", "37 + 48 = 86", "85, and 7 is prime", "The answer: 85"]
+    assert final_answer_match(["37+48="] * 4, responses, answer=["85"] * 4) == [1.0, 0.0, 0.0, 1.0]
+    # the first-integer rule scores the restated problem instead
+    assert exact_match(["37+48="], ["37 + 48 = 85"], answer=["85"]) == [0.0]

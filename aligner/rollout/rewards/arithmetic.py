@@ -40,3 +40,23 @@ def exact_match(prompts: Sequence[str], responses: Sequence[str], answer: Sequen
         got = first_integer(response)
         scores.append(1.0 if got is not None and got == int(str(expected).strip()) else 0.0)
     return scores
+
+
+def last_integer(text: str) -> Optional[int]:
+    """The last integer written in ``text``, or None: ``"37 + 48 = 85"`` -> 85."""
+    found = _INTEGER.findall(text)
+    return int(found[-1]) if found else None
+
+
+def final_answer_match(prompts: Sequence[str], responses: Sequence[str], answer: Sequence[object], **_) -> list[float]:
+    """1.0 where the *last* integer of the response equals the row's ``answer``, else 0.0.
+
+    For chat models that restate the problem before answering (``"37 + 48 = 85"``), where the
+    first integer is an operand. A response that keeps talking after its answer is scored by
+    the last number it wrote, so rambling is not free: stopping after the answer is learnt.
+    """
+    scores = []
+    for response, expected in zip(responses, answer):
+        got = last_integer(response)
+        scores.append(1.0 if got is not None and got == int(str(expected).strip()) else 0.0)
+    return scores
