@@ -1,10 +1,19 @@
-"""TensorRT-LLM generation backend (`trainer.ppo.trt_llm.enable=True`): an UNTESTED sketch.
+"""TensorRT-LLM generation backend (`trainer.ppo.trt_llm.enable=True`; GRPO: trainer.grpo.trt_llm).
 
 TensorRT-LLM needs CUDA and cannot be installed on the CPU machines this project is developed
-and tested on, so nothing here has ever run. It is kept small and written against TensorRT-LLM's
-public LLM API (`tensorrt_llm.LLM`, `tensorrt_llm.SamplingParams`) so that someone with a GPU
-can finish it. What is tested: importing this module never needs tensorrt_llm, and asking
-for this backend without it fails at start-up with an error naming the config key.
+and tested on, so the real engine has never run here. The backend is written against
+TensorRT-LLM's public LLM API (`tensorrt_llm.LLM`, `tensorrt_llm.SamplingParams`). What is
+tested: importing this module never needs tensorrt_llm; asking for it without the package fails
+at start-up naming the config key; and the rollout engine drives it through its real call
+sequence against a stand-in `tensorrt_llm` module (tests/stand_ins/) that records the calls:
+the engine is built from the exported current weights, rebuilt from the updated weights after
+each policy update, shut down before training when asked, and its tokens become the rollouts.
+
+Keys (NeMo-Aligner's names): enable; unload_engine_train (free the engine before each policy
+update; the rollout engine calls unload()); engine_dir (where the exported checkpoint and engine
+live; default a temporary directory); model_type (checked against the exported checkpoint's
+config.json model_type); reshard (NeMo's TP-resharding for inference) is not implemented: the
+engine runs at the training tensor-parallel size, and reshard=true is refused.
 
 How it is meant to work (NeMo-Aligner does the same with its in-memory refit):
   build:  write the trainer's current weights as a Hugging Face checkpoint (`export_weights`)
@@ -40,19 +49,34 @@ class TRTLLMBackend:
             raise ValueError(f"{ENABLE_KEY}=True needs a weight exporter (export_weights=fn(model, dir) "
                              f"writing a Hugging Face checkpoint) to build the TensorRT-LLM engine")
         self.cfg = dict(trt_llm_cfg)
+        if self.cfg.get("reshard"):
+            raise ValueError(f"{ENABLE_KEY.rsplit('.', 1)[0]}.reshard=true is not implemented: the TensorRT-LLM "
+                             "engine runs at the training tensor-parallel size (set reshard=false)")
+        self.model_type = self.cfg.get("model_type")
         self.model = model
         self.eos_id, self.pad_id = int(eos_id), int(pad_id)
         self.max_batch_size, self.max_sequence_length = int(max_batch_size), int(max_sequence_length)
         self.tokenizer = tokenizer
         self.export_weights = export_weights
         self._llm = None
-        self._workdir = tempfile.TemporaryDirectory(prefix="aligner_trtllm_")
+        self.builds = 0
+        engine_dir = self.cfg.get("engine_dir")
+        self._workdir = None if engine_dir else tempfile.TemporaryDirectory(prefix="aligner_trtllm_")
+        self.engine_dir = Path(engine_dir) if engine_dir else Path(self._workdir.name)
+        self.engine_dir.mkdir(parents=True, exist_ok=True)
 
     def _build_engine(self) -> None:
+        import json
+
         from megatron.core import parallel_state
 
-        checkpoint = Path(self._workdir.name) / "hf"
+        checkpoint = self.engine_dir / "hf"
         self.export_weights(self.model, checkpoint)
+        exported_type = json.loads((checkpoint / "config.json").read_text()).get("model_type")
+        if self.model_type and exported_type != self.model_type:
+            raise ValueError(f"{ENABLE_KEY.rsplit('.', 1)[0]}.model_type={self.model_type!r} but the policy exports "
+                             f"as model_type {exported_type!r}: set it to {exported_type!r}")
+        self.builds += 1
         self._llm = self._trtllm.LLM(
             model=str(checkpoint),
             tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),

@@ -242,10 +242,13 @@ class RolloutEngine:
         self.val_sampling = SamplingParams.from_config({**plain, "greedy": s.val_greedy}, s.length, seed=seed)
         self.greedy_sampling = SamplingParams.from_config({**plain, "greedy": True}, s.length, seed=seed)
         max_len = int(cfg.model.encoder_seq_length)
-        self.backend = build_backend(_plain(cfg.trainer[s.loop_key].get("trt_llm")), run.model,
+        trt_llm = _plain(cfg.trainer[s.loop_key].get("trt_llm")) or {}
+        self.unload_engine_train = bool(trt_llm.get("enable")) and bool(trt_llm.get("unload_engine_train"))
+        self.backend = build_backend(trt_llm, run.model,
                                      eos_id=run.tokenizer.eos_id, pad_id=run.tokenizer.pad_id,
                                      max_batch_size=s.rollout_micro_batch_size, max_sequence_length=max_len,
-                                     tokenizer=run.tokenizer, vocab_size=run.model_config.vocab_size)
+                                     tokenizer=run.tokenizer, vocab_size=run.model_config.vocab_size,
+                                     export_weights=self.export_policy_weights)
         data = cfg.model.data
         max_prompt = max_len - int(s.length["max_length"])
         chat = bool(data.get("apply_chat_template", False))  # model.data.apply_chat_template
@@ -261,6 +264,15 @@ class RolloutEngine:
             f"{Path(run.log_dir).resolve()}:{time.time()}".encode()).hexdigest()[:12]
         self.is_caller = run.layout.tp_rank == 0  # one caller of remote scorers per data-parallel replica
         self.algorithm: Algorithm = algorithm_factory(self)
+
+    def export_policy_weights(self, model, directory) -> None:
+        """The policy's current weights as a Hugging Face checkpoint (what an external engine such
+        as TensorRT-LLM builds from). Collective over the model-parallel ranks."""
+        from aligner.models.hf import convert
+
+        tokenizer_dir = self.cfg.model.tokenizer.model
+        convert.save_hf(model, self.run.model_config, directory,
+                        tokenizer_dir=tokenizer_dir if Path(str(tokenizer_dir)).is_dir() else None)
 
     # -- generation and scoring
     def sampling_seed(self, micro_batch: int, round_: int = 0) -> int:
@@ -403,6 +415,8 @@ class RolloutEngine:
         algo.after_advantages(self, rollouts, signal)
         if self.offloader:
             self.offloader.restore()
+        if self.unload_engine_train:  # trt_llm.unload_engine_train: the engine's memory goes to training
+            self.backend.unload()
         with timed(timings, "actor_train"):
             if algo.trains_policy(run.step):
                 updates = self.update(rollouts, signal)

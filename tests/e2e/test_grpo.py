@@ -121,3 +121,50 @@ def test_every_estimator_runs_end_to_end(arithmetic_data, tmp_path, estimator, o
     assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "COMPLETE").is_file()
     if "filter_groups.enable=true" in " ".join(options):
         assert all(1 <= r["rollout/generation_rounds"] <= 3 and r["rollout/kept_groups"] <= 4 for r in steps)
+
+
+def test_trt_llm_backend_is_driven_through_its_real_call_sequence(arithmetic_data, tmp_path):
+    """trainer.grpo.trt_llm.enable=true against tests/stand_ins/tensorrt_llm (records its calls):
+    the rollout engine exports the policy, builds the engine from it, unloads it before each
+    policy update (unload_engine_train), rebuilds it from the *updated* weights for the next step,
+    and the engine's tokens are the rollouts the reward scores (the stand-in answers every other
+    problem right: reward exactly 0.5)."""
+    import importlib.util
+
+    stand_ins = REPO / "tests" / "stand_ins"
+    record = tmp_path / "calls.jsonl"
+    run_dir = tmp_path / "run"
+    steps = ["trainer.grpo.max_steps=2", "trainer.grpo.val_check_interval=0", "trainer.grpo.save_interval=1"]
+    run_script("train_gpt_grpo.py", grpo_overrides(
+        arithmetic_data, run_dir, *TINY, *steps, "trainer.grpo.trt_llm.enable=true",
+        "trainer.grpo.trt_llm.unload_engine_train=true", f"trainer.grpo.trt_llm.engine_dir={tmp_path / 'engine'}"),
+        env_extra={"PYTHONPATH": f"{stand_ins}:{REPO}", "ALIGNER_TRTLLM_RECORD": str(record)})
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [c["event"] for c in calls] == ["build", "generate", "shutdown"] * 2, calls
+    rows = [r for r in read_metrics(run_dir) if "rollout/reward_mean" in r]
+    assert [r["rollout/reward_mean"] for r in rows] == [0.5, 0.5], rows
+    # the second engine was built from exactly the weights after step 1's update
+    spec = importlib.util.spec_from_file_location("stand_in_trtllm", stand_ins / "tensorrt_llm" / "__init__.py")
+    stand_in = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stand_in)
+    exported = tmp_path / "step1_hf"
+    subprocess.run([sys.executable, str(REPO / "examples" / "nlp" / "gpt" / "export_hf.py"),
+                    str(run_dir / "checkpoints" / "step_0000001"), str(exported)],
+                   check=True, env=child_env(), cwd=str(REPO), capture_output=True, timeout=300)
+    builds = [c for c in calls if c["event"] == "build"]
+    assert builds[1]["digest"] == stand_in.weights_digest(exported)
+    assert builds[0]["digest"] != builds[1]["digest"]  # the update moved the weights the engine got
+    assert (tmp_path / "engine" / "hf" / "config.json").is_file()  # trt_llm.engine_dir is where it builds
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("reshard", "true", "reshard=true is not implemented"),
+    ("model_type", "qwen2", "model_type='qwen2' but the policy exports as model_type 'llama'"),
+])
+def test_trt_llm_keys_are_read(arithmetic_data, tmp_path, key, value, message):
+    stand_ins = REPO / "tests" / "stand_ins"
+    proc = run_script("train_gpt_grpo.py", grpo_overrides(
+        arithmetic_data, tmp_path / "run", *TINY, "trainer.grpo.trt_llm.enable=true",
+        f"trainer.grpo.trt_llm.{key}={value}"), expect_ok=False,
+        env_extra={"PYTHONPATH": f"{stand_ins}:{REPO}", "ALIGNER_TRTLLM_RECORD": str(tmp_path / "calls.jsonl")})
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
