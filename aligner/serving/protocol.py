@@ -391,15 +391,7 @@ def parse_save_request(metadata: Mapping[str, str]) -> int:
     if "path" in metadata:
         raise ProtocolError(400, "metadata key 'path' is not accepted: the server saves only under its own "
                                  "checkpoint directory (exp_manager.explicit_log_dir/checkpoints); send 'step' only")
-    unexpected = sorted(set(metadata) - {"step"})
-    if unexpected:
-        raise ProtocolError(400, f"unexpected metadata key(s) {', '.join(map(repr, unexpected))}; accepted: step")
-    raw = metadata.get("step")
-    if raw is None:
-        raise ProtocolError(400, "missing metadata key 'step' (decimal int >= 0)")
-    if not _is_decimal(raw):
-        raise ProtocolError(400, f"metadata key 'step' must be a decimal int >= 0, got {raw[:40]!r}")
-    return int(raw)
+    return _step_only(metadata, minimum=0)
 
 
 RESTORE_REQUEST: tuple[TensorSpec, ...] = ()
@@ -415,14 +407,19 @@ def restore_request_metadata(step: int) -> dict[str, str]:
 def parse_restore_request(metadata: Mapping[str, str]) -> int:
     """The step of a /v1/restore body; ProtocolError 400 naming the key when malformed. Only a
     step is accepted: the server restores from its own checkpoint directory, never a path."""
+    return _step_only(metadata, minimum=1)
+
+
+def _step_only(metadata: Mapping[str, str], minimum: int) -> int:
+    """Metadata holding exactly a decimal 'step' >= minimum; ProtocolError 400 naming the key."""
     unexpected = sorted(set(metadata) - {"step"})
     if unexpected:
         raise ProtocolError(400, f"unexpected metadata key(s) {', '.join(map(repr, unexpected))}; accepted: step")
     raw = metadata.get("step")
     if raw is None:
-        raise ProtocolError(400, "missing metadata key 'step' (decimal int >= 1)")
-    if not _is_decimal(raw) or int(raw) < 1:
-        raise ProtocolError(400, f"metadata key 'step' must be a decimal int >= 1, got {raw[:40]!r}")
+        raise ProtocolError(400, f"missing metadata key 'step' (decimal int >= {minimum})")
+    if not _is_decimal(raw) or int(raw) < minimum:
+        raise ProtocolError(400, f"metadata key 'step' must be a decimal int >= {minimum}, got {raw[:40]!r}")
     return int(raw)
 
 

@@ -541,10 +541,7 @@ def create_app(
 
     @app.post(f"/{API_VERSION}/infer")
     def infer():
-        with service.admitted():
-            service.require_ready()
-            body = _read_body(settings.max_request_bytes)
-            return _flask_response(_as_record(service.infer, body))
+        return _plain_route(service, service.infer)
 
     @app.post(f"/{API_VERSION}/train")
     def train():
@@ -556,12 +553,17 @@ def create_app(
 
     @app.post(f"/{API_VERSION}/restore")
     def restore():
-        with service.admitted():
-            service.require_ready()
-            body = _read_body(settings.max_request_bytes)
-            return _flask_response(_as_record(service.restore, body))
+        return _plain_route(service, service.restore)
 
     return app
+
+
+def _plain_route(service: _CriticService, run: Callable[[bytes], RecordedResponse]) -> flask.Response:
+    """A model route without idempotency keys (infer; restore, which is idempotent by itself)."""
+    with service.admitted():
+        service.require_ready()
+        body = _read_body(service.settings.max_request_bytes)
+        return _flask_response(_as_record(run, body))
 
 
 def _idempotent_route(

@@ -7,6 +7,12 @@ modes:
   policy CKPT OUT MICRO MODE
                       the same with the rollout engine's policy loss (clipped ratio, entropy bonus,
                       loss_agg_mode MODE) in micro-batches of MICRO rows on each rank
+  train  CKPT OUT TP PP OPTIM STEPS [FIRST]
+                      load CKPT (weights, and optimizer state when it has some) at TP x PP (DP = the
+                      rest), STEPS optimizer steps on fixed global batches FIRST+1.. (SFT loss, through
+                      megatron's pipeline schedule when PP > 1) with optimizer OPTIM (fused_adam |
+                      distributed_fused_adam), save a native checkpoint of step FIRST+STEPS under OUT;
+                      the last pipeline stage writes the per-step losses to OUT/losses.rank<R>
 """
 import sys
 
@@ -40,6 +46,9 @@ def full_state(model) -> dict:
 def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    if mode == "train":
+        train_layouts(args)
+        return
     tp = world if mode == "logits" else 1
     layout = dist_setup.initialize(tp, 1, seed=11)
     model = build_gpt(CONFIG, torch.float32, tensor_parallel=tp)
@@ -103,6 +112,41 @@ def main() -> None:
         grads = {f"grad.{name}": p.main_grad.detach().float().clone() for name, p in ddp.named_parameters()}
         if layout.rank == 0:
             save_file({**full_state(ddp), **grads}, args[1])
+    dist_setup.shutdown()
+
+
+def sft_batch(step: int) -> dict:
+    """The global batch of optimizer step `step` (different every step, uneven masks)."""
+    tokens = torch.randint(0, CONFIG.vocab_size, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
+    mask = torch.ones_like(tokens, dtype=torch.float32)
+    mask[:, -1] = 0
+    mask[step % 3::3, :5] = 0
+    return {"tokens": tokens, "labels": torch.roll(tokens, -1, dims=1), "loss_mask": mask}
+
+
+def train_layouts(args: list[str]) -> None:
+    from megatron.core import parallel_state
+
+    ckpt, out, tp, pp, optim_name, steps = args[0], args[1], int(args[2]), int(args[3]), args[4], int(args[5])
+    first = int(args[6]) if len(args) > 6 else 0
+    layout = dist_setup.initialize(tp, pp, seed=11)
+    settings = OptimSettings.from_config({"name": optim_name, "lr": 1e-2, "weight_decay": 0.01,
+                                          "sched": {"name": "Constant"}}, max_steps=10, gradient_clip_val=1.0)
+    ddp = wrap_data_parallel(build_gpt(CONFIG, torch.float32, tensor_parallel=tp, pipeline_parallel=pp), settings)
+    optimizer, scheduler = build_optimizer(ddp, settings, torch.float32)
+    checkpoint.load(ckpt, ddp, optimizer, load_rng=False)
+    losses = []
+    per_rank = GLOBAL_BATCH // layout.data_parallel
+    rows = slice(layout.dp_rank * per_rank, (layout.dp_rank + 1) * per_rank)
+    for step in range(first + 1, first + steps + 1):
+        batch = {k: v[rows] for k, v in sft_batch(step).items()}
+        metrics = train_step(ddp, optimizer, scheduler, SFTLoss(), split_micro_batches(batch, MICRO_BATCH))
+        losses.append(metrics.get("loss"))
+    checkpoint.save(out, first + steps, ddp, optimizer, {"model_config": CONFIG.to_dict()}, keep_last=None)
+    if parallel_state.is_pipeline_last_stage():
+        with open(f"{out}/losses.rank{layout.rank}", "w") as handle:
+            handle.write(" ".join(repr(float(v)) for v in losses))
+    print(f"rank {layout.rank} tp={tp} pp={pp} dp={layout.data_parallel} {optim_name} losses={losses}", flush=True)
     dist_setup.shutdown()
 
 

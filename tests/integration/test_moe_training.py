@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from tests.e2e.conftest import SCRIPTS, checkpoint_tensors, data_overrides
+from tests.e2e.conftest import SCRIPTS, checkpoint_tensors, data_overrides, movie_data  # noqa: F401 (fixture)
 from tests.launch import REPO, check, child_env, torchrun
 
 STEPS = 12
@@ -22,14 +21,6 @@ MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.num_layers=2", "
        "model.global_batch_size=8", "model.micro_batch_size=4", "model.optim.sched.warmup_steps=0",
        f"trainer.sft.max_steps={STEPS}", "trainer.sft.val_check_interval=0", "trainer.sft.save_interval=0",
        "exp_manager.create_tensorboard_logger=false"]
-
-
-@pytest.fixture(scope="module")
-def movie_sft_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("moe") / "movie_reviews"
-    subprocess.run([sys.executable, "-m", "aligner.data.prep.movie_reviews", "--output-dir", str(out)],
-                   check=True, env=child_env(), cwd=str(REPO), capture_output=True, timeout=600)
-    return out
 
 
 def _losses(log_dir: Path) -> dict[int, float]:
@@ -44,10 +35,10 @@ def _final(log_dir: Path) -> dict:
     return {re.sub(r"^chained_\d+\.", "", name): value for name, value in tensors.items()}
 
 
-def test_expert_parallel_sft_equals_one_process(movie_sft_data, tmp_path):
+def test_expert_parallel_sft_equals_one_process(movie_data, tmp_path):  # noqa: F811
     script = SCRIPTS / "train_gpt_sft.py"
     start, one, two = tmp_path / "start", tmp_path / "ep1", tmp_path / "ep2"
-    common = [*data_overrides(movie_sft_data, "sft"), *MOE]
+    common = [*data_overrides(movie_data, "sft"), *MOE]
     check(subprocess.run([sys.executable, str(script), *common, "trainer.sft.max_steps=1",
                           f"exp_manager.explicit_log_dir={start}"],
                          capture_output=True, text=True, timeout=600, env=child_env(), cwd=str(REPO)))
@@ -71,14 +62,14 @@ def test_expert_parallel_sft_equals_one_process(movie_sft_data, tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
 
 
-def test_expert_parallel_needs_a_moe_model_and_a_dividing_size(movie_sft_data, tmp_path):
+def test_expert_parallel_needs_a_moe_model_and_a_dividing_size(movie_data, tmp_path):  # noqa: F811
     script = SCRIPTS / "train_gpt_sft.py"
-    dense = torchrun(script, [*data_overrides(movie_sft_data, "sft"), *MOE[2:], "model.num_experts=null",
+    dense = torchrun(script, [*data_overrides(movie_data, "sft"), *MOE[2:], "model.num_experts=null",
                               f"exp_manager.explicit_log_dir={tmp_path / 'dense'}", "trainer.devices=2",
                               "model.expert_model_parallel_size=2"], nproc=2, timeout=600)
     assert dense.returncode != 0
     assert "model.expert_model_parallel_size=2 needs a mixture-of-experts model" in dense.stdout + dense.stderr
-    odd = torchrun(script, [*data_overrides(movie_sft_data, "sft"), *MOE,
+    odd = torchrun(script, [*data_overrides(movie_data, "sft"), *MOE,
                             f"exp_manager.explicit_log_dir={tmp_path / 'odd'}", "trainer.devices=2",
                             "model.expert_model_parallel_size=4"], nproc=2, timeout=600)
     assert odd.returncode != 0

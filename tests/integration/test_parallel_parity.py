@@ -86,3 +86,76 @@ def test_policy_update_is_split_invariant(initial_checkpoint, tmp_path, mode):
             # the gradient to 1e-6; the weights to 1e-5 because Adam's first step divides by |g|,
             # which magnifies rounding in the few near-zero gradient entries
             assert diff <= (1e-6 if key.startswith("grad.") else 1e-5), (name, key, diff)
+
+
+# --------------------------------------------------------------------------------------------
+# Training across layouts: 3 optimizer steps at TP=2, PP=2 and with the distributed optimizer
+# at DP=2 give the weights and Adam moments of one process (1e-5), from the same checkpoint.
+# --------------------------------------------------------------------------------------------
+
+TRAIN_STEPS = 3
+
+
+def _train(ckpt: Path, out: Path, nproc: int, tp: int, pp: int, optim: str, steps: int, first: int = 0) -> Path:
+    check(torchrun(WORKER, ["train", ckpt, out, tp, pp, optim, steps, first], nproc=nproc))
+    return out / f"step_{first + steps:07d}"
+
+
+def _losses(out: Path) -> list[float]:
+    files = sorted(out.glob("losses.rank*"))
+    assert files, list(out.iterdir())
+    values = [[float(v) for v in f.read_text().split()] for f in files]
+    assert all(v == values[0] for v in values), values  # every last-stage rank reports the same
+    return values[0]
+
+
+def _tensors(step_dir: Path) -> dict:
+    """Global weights and Adam moments by parameter name, whatever layout wrote them."""
+    import re
+
+    from tests.e2e.conftest import checkpoint_tensors
+
+    return {re.sub(r"^chained_\d+\.", "", k): v for k, v in checkpoint_tensors(step_dir / "weights").items()
+            if not k.endswith("_extra_state")}
+
+
+def _assert_same(got: dict, want: dict, moments: bool = True) -> None:
+    names = [k for k in want if moments or "optimizer" not in k]
+    assert [k for k in names if "exp_avg" in k] or not moments, sorted(want)[:8]
+    for name in names:
+        assert name in got, (name, sorted(got)[:8])
+        torch.testing.assert_close(got[name].float(), want[name].float(), atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_process_training(initial_checkpoint, tmp_path_factory) -> tuple[list[float], dict]:
+    out = tmp_path_factory.mktemp("train_tp1")
+    step_dir = _train(initial_checkpoint, out, 1, 1, 1, "fused_adam", TRAIN_STEPS)
+    return _losses(out), _tensors(step_dir)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_model_parallel_training_equals_one_process(initial_checkpoint, one_process_training, tmp_path, tp, pp):
+    """TP=2 (megatron's all-reduces in every layer) and PP=2 (its pipeline schedule, activations
+    and gradients sent between stages): the same losses and, after 3 optimizer steps, the same
+    weights and Adam moments as one process, within 1e-5."""
+    losses, want = one_process_training
+    step_dir = _train(initial_checkpoint, tmp_path, 2, tp, pp, "fused_adam", TRAIN_STEPS)
+    assert _losses(tmp_path) == pytest.approx(losses, abs=1e-5)
+    got = _tensors(step_dir)
+    _assert_same(got, want)
+    initial = _tensors(initial_checkpoint)
+    assert all(not torch.equal(got[k], initial[k]) for k in initial if "optimizer" not in k)  # all trained
+
+
+def test_distributed_optimizer_at_dp2_equals_plain_and_resumes_at_dp1(initial_checkpoint, one_process_training,
+                                                                       tmp_path):
+    """model.optim.name=distributed_fused_adam shards Adam's state over DP=2: two steps equal the
+    plain optimizer's; its checkpoint then resumes in ONE process (plain optimizer, the sharded
+    state gathered on load) and the third step lands on the one-process run's weights and moments."""
+    losses, want = one_process_training
+    sharded = _train(initial_checkpoint, tmp_path / "dp2", 2, 1, 1, "distributed_fused_adam", TRAIN_STEPS - 1)
+    assert _losses(tmp_path / "dp2") == pytest.approx(losses[:-1], abs=1e-5)
+    resumed = _train(sharded, tmp_path / "dp1", 1, 1, 1, "fused_adam", 1, first=TRAIN_STEPS - 1)
+    assert _losses(tmp_path / "dp1") == pytest.approx(losses[-1:], abs=1e-5)
+    _assert_same(_tensors(resumed), want)
