@@ -108,6 +108,15 @@ def _sharded_state(model, optimizer, is_loading: bool, skip_prefixes: tuple[str,
     return state
 
 
+def _distributed_optimizer_dp(optimizer) -> int | None:
+    """The data-parallel size a distributed optimizer shards its state over; None otherwise."""
+    if optimizer is None or not getattr(optimizer.config, "use_distributed_optimizer", False):
+        return None
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
 def optimizer_has_state(optimizer) -> bool:
     """Adam moments exist only after the first step; a step-0 checkpoint has none to save."""
     from aligner.training.offload import torch_optimizers
@@ -141,7 +150,8 @@ def save(root: str | os.PathLike, step: int, model, optimizer, trainer_state: di
     fault_point("checkpoint.before_commit")
     if _rank() == 0:
         _write_json_atomic(partial / STATE_FILE, {**trainer_state, "step": step,
-                                                  "has_optimizer_state": optimizer is not None})
+                                                  "has_optimizer_state": optimizer is not None,
+                                                  "distributed_optimizer_dp": _distributed_optimizer_dp(optimizer)})
         (partial / MARKER).write_text("ok\n")
         _fsync_dir(partial)
         if final.exists():  # re-saving the same step: replace only after the new one is whole
@@ -197,6 +207,14 @@ def load(path: str | os.PathLike, model, optimizer=None, load_rng: bool = True,
     state = read_trainer_state(path)
     if not state.get("has_optimizer_state", False):
         optimizer = None  # e.g. a step-0 checkpoint: the optimizer starts fresh, as it did then
+    saved_dp, dp = state.get("distributed_optimizer_dp"), _distributed_optimizer_dp(optimizer)
+    if optimizer is not None and saved_dp != dp and (saved_dp or dp):
+        raise CheckpointError(
+            f"{path}: its optimizer state was saved by "
+            f"{'the distributed optimizer at data-parallel size ' + str(saved_dp) if saved_dp else 'a plain optimizer'}"
+            f" and this run has {'the distributed optimizer at data-parallel size ' + str(dp) if dp else 'a plain one'}"
+            ": a distributed optimizer's state resumes only with model.optim.name=distributed_fused_adam at the same "
+            "data-parallel size (load weights only: pretrained_checkpoint.restore_from_path)")
     try:
         loaded = dist_checkpointing.load(
             _sharded_state(model, optimizer, is_loading=True, skip_prefixes=skip_prefixes), str(path / "weights")
