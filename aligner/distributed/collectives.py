@@ -261,3 +261,14 @@ def weighted_mean_over_ranks(value: float, count: float, group: Optional[dist.Pr
         dist.all_reduce(pair, group=group)
         pair = pair.cpu()
     return float(pair[0] / pair[1]) if pair[1] > 0 else float("nan")
+
+
+def max_over_world(value: float) -> float:
+    """The largest ``value`` over every rank of the job (NaN wins): a decision all ranks share."""
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if _initialized() and dist.get_world_size() > 1:
+        tensor = tensor.to(collective_device())
+        tensor = torch.where(torch.isnan(tensor), torch.full_like(tensor, float("inf")), tensor)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        tensor = tensor.cpu()
+    return float(tensor[0])

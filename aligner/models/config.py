@@ -9,7 +9,6 @@ a head size other than hidden/heads, and mixture-of-experts MLPs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 

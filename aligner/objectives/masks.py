@@ -38,3 +38,12 @@ def response_mask(prompt_lengths: torch.Tensor, lengths: torch.Tensor, width: in
     """
     t = torch.arange(width, device=lengths.device).unsqueeze(0)
     return ((t + 1 >= prompt_lengths.unsqueeze(1)) & (t + 1 < lengths.unsqueeze(1))).float()
+
+
+def first_masked_column(mask: torch.Tensor) -> int:
+    """The first column where any row of ``[batch, T]`` ``mask`` is set (0 when none is).
+
+    Losses and log-probs only need the vocabulary projection's log-softmax from there on: the
+    prompt columns before it count for nothing."""
+    columns = mask.any(0).nonzero()
+    return int(columns[0]) if len(columns) else 0

@@ -30,7 +30,7 @@ import torch
 from aligner.data.collate import collate_prompts
 from aligner.data.prompts import PromptDataset
 from aligner.data.samplers import DistributedResumableSampler
-from aligner.distributed.collectives import broadcast_tensor_parallel, weighted_mean_over_ranks
+from aligner.distributed.collectives import broadcast_tensor_parallel, max_over_world, weighted_mean_over_ranks
 from aligner.distributed.setup import all_reduce_sum_dp
 from aligner.faults import fault_point
 from aligner.generation.backend import build_backend
@@ -39,7 +39,7 @@ from aligner.models.gpt import position_ids_for
 from aligner.objectives.kl import token_kl
 from aligner.objectives.logprobs import entropy_from_logits, token_logprobs_from_logits
 from aligner.objectives.masked import masked_mean
-from aligner.objectives.masks import response_mask
+from aligner.objectives.masks import first_masked_column, response_mask
 from aligner.objectives.policy_loss import (
     aggregate_loss,
     aggregation_count,
@@ -141,7 +141,10 @@ class TokenLogProbs(ForwardOnly):
         return model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
 
     def outputs(self, logits, batch):
-        return {"logprobs": token_logprobs_from_logits(logits.float(), batch["labels"]).detach()}
+        start = first_masked_column(batch["mask"])
+        logprobs = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=logits.device)
+        logprobs[:, start:] = token_logprobs_from_logits(logits[:, start:].float(), batch["labels"][:, start:])
+        return {"logprobs": logprobs.detach()}
 
 
 class PolicyLoss:
@@ -161,24 +164,30 @@ class PolicyLoss:
 
         def loss_fn(logits):
             s = self.s
-            mask = batch["policy_mask"]
-            logprobs = token_logprobs_from_logits(logits.float(), batch["labels"])
+            start = first_masked_column(batch["policy_mask"])  # the columns before it are all masked
+            logits = logits[:, start:]
+            part = {k: v[:, start:] for k, v in batch.items() if k in ("policy_mask", "labels", "old_logprobs",
+                                                                       "advantages", "ref_logprobs")}
+            mask = part["policy_mask"]
+            # seq-mean-token-sum-norm divides by the padded width: the whole row's, not the slice's
+            scale = s.loss_scale_factor if s.loss_scale_factor is not None else float(batch["policy_mask"].shape[-1])
+            logprobs = token_logprobs_from_logits(logits.float(), part["labels"])
             # each term is this micro-batch's own aggregate; times the local count it is the
             # micro-batch's share of the numerator of the global aggregate
-            loss, metrics = clipped_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask,
+            loss, metrics = clipped_policy_loss(logprobs, part["old_logprobs"], part["advantages"], mask,
                                                 s.clip_ratio_low, s.clip_ratio_high, s.clip_ratio_c,
-                                                s.loss_agg_mode, loss_scale_factor=s.loss_scale_factor)
+                                                s.loss_agg_mode, loss_scale_factor=scale)
             total = loss
             token_entropy = entropy_from_logits(logits.float())
             entropy = entropy_bonus(token_entropy, mask)  # the token mean, for the metric
             if s.entropy_coef:  # aggregated like the loss, or the split would change the update
                 bonus = entropy if s.loss_agg_mode == "token-mean" else aggregate_loss(
-                    token_entropy, mask, s.loss_agg_mode, loss_scale_factor=s.loss_scale_factor)
+                    token_entropy, mask, s.loss_agg_mode, loss_scale_factor=scale)
                 total = total - s.entropy_coef * bonus
             kl = torch.zeros(())
             if s.kl_loss_coef:
-                kl = aggregate_loss(token_kl(logprobs, batch["ref_logprobs"], s.kl_loss_type), mask, s.loss_agg_mode,
-                                    loss_scale_factor=s.loss_scale_factor)
+                kl = aggregate_loss(token_kl(logprobs, part["ref_logprobs"], s.kl_loss_type), mask, s.loss_agg_mode,
+                                    loss_scale_factor=scale)
                 total = total + s.kl_loss_coef * kl
             count = aggregation_count(mask, s.loss_agg_mode)
             tokens_in = mask.sum()
@@ -200,6 +209,17 @@ def timed(timings: dict, name: str):
 
 def mean_over_dp(value: float, count: float) -> float:
     return weighted_mean_over_ranks(value, count)
+
+
+def logprob_gap(rollouts: Rollouts, trainer_logprobs: torch.Tensor) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's on the same rows (response tokens,
+    mean over data-parallel ranks): |gap| and the k3 KL estimate."""
+    mask = rollouts.mask
+    tokens = float(mask.sum())
+    gap = masked_mean((rollouts.generator_logprobs - trainer_logprobs).abs(), mask)
+    kl_error = approx_kl_k3(rollouts.generator_logprobs, trainer_logprobs, mask)
+    return {"generator_logprob_abs_gap": mean_over_dp(float(gap), tokens),
+            "generator_kl_error": mean_over_dp(float(kl_error), tokens)}
 
 
 def average_updates(results: list[dict[str, float]]) -> dict[str, float]:
@@ -249,6 +269,14 @@ class RolloutEngine:
                                      max_batch_size=s.rollout_micro_batch_size, max_sequence_length=max_len,
                                      tokenizer=run.tokenizer, vocab_size=run.model_config.vocab_size,
                                      export_weights=self.export_policy_weights)
+        loop_cfg = cfg.trainer[s.loop_key]
+        self.recompute_logprobs = bool(loop_cfg.get("recompute_logprobs", True))
+        gap = loop_cfg.get("max_logprob_gap")
+        self.max_logprob_gap = float(gap) if gap is not None else (1e-3 if run.dtype == torch.float32 else 2e-2)
+        self.logprob_check_rows = int(loop_cfg.get("logprob_check_rows", 4))
+        if self.logprob_check_rows < 1 or not self.max_logprob_gap > 0:
+            raise ValueError(f"trainer.{s.loop_key}.logprob_check_rows must be >= 1 and max_logprob_gap > 0, got "
+                             f"{self.logprob_check_rows} and {self.max_logprob_gap}")
         data = cfg.model.data
         max_prompt = max_len - int(s.length["max_length"])
         chat = bool(data.get("apply_chat_template", False))  # model.data.apply_chat_template
@@ -351,10 +379,33 @@ class RolloutEngine:
     def logprobs(self, rollouts: Rollouts) -> torch.Tensor:
         size = self.settings.forward_micro_batch_size
         labels = rollouts.labels
-        micro = [{"tokens": rollouts.tokens[i:i + size], "labels": labels[i:i + size]}
+        micro = [{"tokens": rollouts.tokens[i:i + size], "labels": labels[i:i + size], "mask": rollouts.mask[i:i + size]}
                  for i in range(0, len(rollouts), size)]
         records = collect_forward(self.run.model, TokenLogProbs(), micro)
         return torch.cat([r["logprobs"] for r in records])
+
+    def old_logprobs(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, float]]:
+        """The policy's log-probs of its own samples before the update (PPO's "old" log-probs),
+        and the guard's metrics.
+
+        trainer.<loop>.recompute_logprobs=true: a forward pass over every row. auto: the
+        sampler already computed them from the same weights (raw logits), so they are reused
+        once a forward pass over the first ``logprob_check_rows`` rows of every rank agrees with
+        them: a masked mean |gap| above ``max_logprob_gap`` anywhere (a stale engine, a
+        precision mismatch) recomputes every row instead. The decision is the same on all ranks."""
+        if self.recompute_logprobs:
+            logprobs = self.logprobs(rollouts)
+            guard = logprob_gap(rollouts, logprobs)
+            return logprobs, {**guard, "logprobs_recomputed": 1.0}
+        checked = rollouts.select(torch.arange(min(self.logprob_check_rows, len(rollouts))))
+        guard = logprob_gap(checked, self.logprobs(checked))
+        worst = max_over_world(guard["generator_logprob_abs_gap"])
+        if not worst <= self.max_logprob_gap:  # NaN too
+            log.warning("generator/trainer log-prob gap %.3g > trainer.%s.max_logprob_gap=%.3g: recomputing this "
+                        "step's old log-probs", worst, self.settings.loop_key, self.max_logprob_gap)
+            logprobs = self.logprobs(rollouts)
+            return logprobs, {**logprob_gap(rollouts, logprobs), "logprobs_recomputed": 1.0}
+        return rollouts.generator_logprobs * rollouts.mask, {**guard, "logprobs_recomputed": 0.0}
 
     # -- the policy update
     def update(self, rollouts: Rollouts, signal: PolicySignal) -> list[dict[str, float]]:
@@ -399,14 +450,14 @@ class RolloutEngine:
             fault_point("actor.generate")
             rollouts = algo.rollout(self)
         with timed(timings, "logprobs"):
-            rollouts.logprobs = self.logprobs(rollouts)
+            rollouts.logprobs, guard = self.old_logprobs(rollouts)
         if self.reference is not None:
             with timed(timings, "ref_logprobs"):
                 with self.reference.swapped_in(run.model):
                     rollouts.ref_logprobs = self.logprobs(rollouts)
         else:
             rollouts.ref_logprobs = rollouts.logprobs
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {f"rollout/{k}": v for k, v in guard.items()}
         with timed(timings, "score_wait"):
             metrics.update(algo.before_scores(self))
             self.collect_scores(rollouts)
@@ -437,15 +488,11 @@ class RolloutEngine:
         mask = rollouts.mask
         n = float(len(rollouts))
         tokens = float(mask.sum())
-        gap = masked_mean((rollouts.generator_logprobs - rollouts.logprobs).abs(), mask)
         out = {
             "reward_mean": mean_over_dp(float(rollouts.rewards.mean()), n),
             "kl_per_token": mean_over_dp(float(masked_mean(rollouts.logprobs - rollouts.ref_logprobs, mask)), tokens),
             "response_length": mean_over_dp(float(rollouts.response_lengths.float().mean()), n),
             "is_end_fraction": mean_over_dp(float(rollouts.is_end.float().mean()), n),
-            "generator_logprob_abs_gap": mean_over_dp(float(gap), tokens),
-            "generator_kl_error": mean_over_dp(float(approx_kl_k3(rollouts.generator_logprobs, rollouts.logprobs,
-                                                                  mask)), tokens),
             "advantage_mean": mean_over_dp(float(masked_mean(signal.advantages, mask)), tokens),
             "samples": float(all_reduce_sum_dp(torch.tensor([n]))),
         }

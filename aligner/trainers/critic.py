@@ -245,23 +245,25 @@ class CriticWorker:
         self.reward_weights = reward_weights
         self.reward_stats = reward_stats
         self.device = run.layout.device
-        restored = restored or {}
-        self.applied_train_requests = int(restored.get("applied_train_requests", 0))
-        # The PPO step the state has reached: that of the last applied train request. A
-        # checkpoint is labelled with it and nothing else (check_save).
-        self.trained_step = int(restored.get("trained_step", restored.get("ppo_step", 0)))
-        self.checkpoint_step = int(restored["ppo_step"]) if "ppo_step" in restored else None
         self.remembered_keys = max(1, int(remembered_keys))
-        results = restored.get("idempotency_results") or {}
-        self.applied_keys: OrderedDict[str, dict[str, float]] = OrderedDict(
-            (key, results.get(key, {})) for key in restored.get("idempotency_keys", [])
-        )
-        self.last_train: dict[str, float] = {}
+        self._adopt(restored or {})
         # model.offload_adam_states: Adam's moments live in host memory between train requests
         # (the accelerator holds them only inside train, save and restore), bitwise unchanged.
         self.offloader = OptimizerStateOffloader(run.optimizer, offload_device) if offload_adam_states else None
         if self.offloader is not None:
             self.offloader.offload()
+
+    def _adopt(self, state: dict) -> None:
+        """The record of applied updates held by a checkpoint's trainer state ({}: a fresh start)."""
+        self.applied_train_requests = int(state.get("applied_train_requests", 0))
+        # The PPO step the state has reached: that of the last applied train request. A
+        # checkpoint is labelled with it and nothing else (check_save).
+        self.trained_step = int(state.get("trained_step", state.get("ppo_step", 0)))
+        self.checkpoint_step = int(state["ppo_step"]) if "ppo_step" in state else None
+        results = state.get("idempotency_results") or {}
+        self.applied_keys: OrderedDict[str, dict[str, float]] = OrderedDict(
+            (key, results.get(key, {})) for key in state.get("idempotency_keys", []))
+        self.last_train: dict[str, float] = {}
 
     @contextlib.contextmanager
     def adam_states_on_device(self) -> Iterator[None]:
@@ -449,12 +451,7 @@ class CriticWorker:
             state = checkpoint.load(path, self.run.model, self.run.optimizer)
         load_scheduler_state(self.run.scheduler, state["scheduler"])
         self.run.step = int(state["step"])
-        self.applied_train_requests = int(state.get("applied_train_requests", 0))
-        self.trained_step = int(state.get("trained_step", state["ppo_step"]))
-        self.checkpoint_step = int(state["ppo_step"])
-        results = state.get("idempotency_results") or {}
-        self.applied_keys = OrderedDict((key, results.get(key, {})) for key in state.get("idempotency_keys", []))
-        self.last_train = {}
+        self._adopt(state)
         if self.run.is_rank_zero:
             for newer_step, newer in checkpoint.list_complete(self.run.checkpoint_dir):
                 if newer_step > step and "critic_mode" in checkpoint.read_trainer_state(newer):

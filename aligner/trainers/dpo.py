@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from aligner.models.gpt import position_ids_for
 from aligner.models.weight_swap import ParkedWeights
 from aligner.objectives.logprobs import sequence_logprobs, token_logprobs_from_logits
+from aligner.objectives.masks import first_masked_column
 from aligner.objectives.preference import PREFERENCE_LOSS_TYPES, preference_loss
 from aligner.trainers.reward_model import comparison_loop_data
 from aligner.training import loop
@@ -37,10 +38,12 @@ class ReferenceLogProbs(ForwardOnly):
         return next_token_logits(model, batch)
 
     def outputs(self, logits, batch):
-        logits = logits.float()
-        out = {"token_logps": token_logprobs_from_logits(logits, batch["labels"])}
+        start = first_masked_column(batch["loss_mask"])
+        token_logps = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=logits.device)
+        token_logps[:, start:] = token_logprobs_from_logits(logits[:, start:].float(), batch["labels"][:, start:])
+        out = {"token_logps": token_logps}
         if self.keep_distribution:
-            out["log_probs_full"] = torch.log_softmax(logits, dim=-1)
+            out["log_probs_full"] = torch.log_softmax(logits.float(), dim=-1)
         return out
 
 
@@ -62,10 +65,11 @@ class PreferenceLoss:
         output = next_token_logits(model, batch)
 
         def loss_fn(logits):
-            logits = logits.float()
-            token_lp = token_logprobs_from_logits(logits, batch["labels"])
-            mask = batch["loss_mask"]
-            ref_token_lp = batch["ref_token_logps"]
+            start = first_masked_column(batch["loss_mask"])  # the columns before it count for nothing
+            logits = logits[:, start:].float()
+            token_lp = token_logprobs_from_logits(logits, batch["labels"][:, start:])
+            mask = batch["loss_mask"][:, start:]
+            ref_token_lp = batch["ref_token_logps"][:, start:]
             logps = sequence_logprobs(token_lp, mask, self.average)
             ref_logps = sequence_logprobs(ref_token_lp, mask, self.average)
             pairs = logps.shape[0] // 2
@@ -86,7 +90,7 @@ class PreferenceLoss:
             if "ref_log_probs_full" in batch:  # validation: exact KL(policy || reference) per response token
                 with torch.no_grad():
                     log_p = torch.log_softmax(logits, dim=-1)
-                    kl_tokens = (log_p.exp() * (log_p - batch["ref_log_probs_full"])).sum(-1)
+                    kl_tokens = (log_p.exp() * (log_p - batch["ref_log_probs_full"][:, start:])).sum(-1)
                     sums["kl_to_ref"] = torch.stack([(kl_tokens * mask).sum(), mask.sum().float()])
             return total * pairs, torch.tensor(pairs), sums
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import grpo_overrides, read_metrics, run_script
+from tests.e2e.conftest import checkpoint_tensors, grpo_overrides, read_metrics, run_script
 from tests.launch import REPO, child_env
 
 
@@ -123,6 +123,33 @@ def test_every_estimator_runs_end_to_end(arithmetic_data, tmp_path, estimator, o
         assert all(1 <= r["rollout/generation_rounds"] <= 3 and r["rollout/kept_groups"] <= 4 for r in steps)
 
 
+def test_reused_sampler_logprobs_train_like_recomputed_ones(arithmetic_data, tmp_path):
+    """trainer.grpo.recompute_logprobs=false (the default) takes PPO's old log-probs from the
+    sampler after checking the first rows; true recomputes every row. Same samples, so step 1's
+    losses and the weights after it agree to float32 noise; the guard's gap is logged each step."""
+    runs = {}
+    for recompute in ("false", "true"):
+        run_dir = tmp_path / f"recompute_{recompute}"
+        run_script("train_gpt_grpo.py", grpo_overrides(
+            arithmetic_data, run_dir, *TINY, "trainer.grpo.max_steps=1", "trainer.grpo.val_check_interval=0",
+            "trainer.grpo.save_interval=1", f"trainer.grpo.recompute_logprobs={recompute}",
+            "model.optim.eps=1.0e-6"), timeout=600)  # eps: Adam would turn ~0 gradients' noise into whole steps
+        runs[recompute] = ([r for r in read_metrics(run_dir) if "train/updates" in r][0],
+                           checkpoint_tensors(run_dir / "checkpoints" / "step_0000001" / "weights"))
+    (reused, reused_weights), (recomputed, recomputed_weights) = runs["false"], runs["true"]
+    assert reused["rollout/logprobs_recomputed"] == 0.0 and recomputed["rollout/logprobs_recomputed"] == 1.0
+    assert reused["rollout/reward_mean"] == recomputed["rollout/reward_mean"]  # the same samples
+    assert 0 < reused["rollout/generator_logprob_abs_gap"] < 1e-4, reused
+    for key in ("train/policy_loss", "train/clip_fraction", "train/approx_kl", "train/entropy"):
+        assert reused[key] == pytest.approx(recomputed[key], abs=1e-5), key
+    assert reused["train/ratio_mean"] != recomputed["train/ratio_mean"] or reused["train/policy_loss"] != \
+        recomputed["train/policy_loss"]  # the two paths really differ (by float32 noise), not one path twice
+    weights = [k for k in reused_weights if not k.startswith("optimizer.") and reused_weights[k].is_floating_point()]
+    difference = max((reused_weights[k] - recomputed_weights[k]).abs().max().item() for k in weights)
+    print(f"max |weight difference| after step 1: {difference:.3g}")
+    assert weights and difference < 1e-6  # lr 1e-5, 4 optimizer steps: a real difference would be ~1e-5
+
+
 def test_trt_llm_backend_is_driven_through_its_real_call_sequence(arithmetic_data, tmp_path):
     """trainer.grpo.trt_llm.enable=true against tests/stand_ins/tensorrt_llm (records its calls):
     the rollout engine exports the policy, builds the engine from it, unloads it before each
@@ -143,6 +170,10 @@ def test_trt_llm_backend_is_driven_through_its_real_call_sequence(arithmetic_dat
     assert [c["event"] for c in calls] == ["build", "generate", "shutdown"] * 2, calls
     rows = [r for r in read_metrics(run_dir) if "rollout/reward_mean" in r]
     assert [r["rollout/reward_mean"] for r in rows] == [0.5, 0.5], rows
+    # the engine's log-probs (the stand-in says -0.25 for every token) fail the reuse check:
+    # every step recomputes its old log-probs with the trainer's own forward pass
+    assert all(r["rollout/logprobs_recomputed"] == 1.0 and r["rollout/generator_logprob_abs_gap"] > 1e-2
+               for r in rows), rows
     # the second engine was built from exactly the weights after step 1's update
     spec = importlib.util.spec_from_file_location("stand_in_trtllm", stand_ins / "tensorrt_llm" / "__init__.py")
     stand_in = importlib.util.module_from_spec(spec)
