@@ -23,8 +23,8 @@ numerics as aligner) and a variant with the models cast to bf16; the target uses
 Target: >= 1.5x TRL (median pairs/s).
 
 --diagnostics adds aligner with candidate library fixes applied in-process (never targets):
-fused Adam + a one-way reference swap (`OneWaySwap`), and those + the vocabulary projection
-on answer positions only (`answer_only_head` + `AnswerSlice`).
+fused Adam + a one-way reference swap (`OneWaySwap`). (The vocabulary projection on answer
+positions only, an earlier diagnostic, is now the library's: `models.gpt.next_token_logits`.)
 """
 from __future__ import annotations
 
@@ -90,48 +90,9 @@ class OneWaySwap:
                     live[name].copy_(self.scratch[name])
 
 
-def answer_only_head(model, first: int, end: int) -> None:
-    """Diagnostic: the vocabulary projection only at positions [first, end).
-
-    GPTModel projects every position onto the vocabulary (here 42% of the model's matmul FLOPs
-    per token), and the DPO losses then read log-probs of answer tokens only. With every prompt
-    32 tokens long the answer predictions are positions 31..62, so the hidden states [S, B, H]
-    are sliced before the output layer; `AnswerSlice` slices labels and masks to match. A
-    library version would gather each micro-batch's loss-mask positions.
-    """
-    from aligner.models.gpt import unwrap
-
-    output_layer = unwrap(model).output_layer
-    output_forward = output_layer.forward
-
-    def sliced_output(hidden, weight=None, runtime_gather_output=None):
-        return output_forward(hidden[first:end], weight=weight, runtime_gather_output=runtime_gather_output)
-
-    output_layer.forward = sliced_output
-
-
-class AnswerSlice:
-    """Diagnostic wrapper of a MicroBatchLoss: labels, loss mask and reference log-probs
-    [B, S] -> [B, first:end], matching the logits of `answer_only_head`."""
-
-    def __init__(self, inner, first: int, end: int):
-        self.inner, self.first, self.end = inner, first, end
-        self.metric_names = inner.metric_names
-
-    def __getattr__(self, name):  # finalize_metrics and the like
-        return getattr(self.inner, name)
-
-    def forward(self, model, batch):
-        sliced = dict(batch)
-        for key in ("labels", "loss_mask", "ref_token_logps"):
-            if key in batch and batch[key].shape[1] != self.end - self.first:
-                sliced[key] = batch[key][:, self.first:self.end]
-        return self.inner.forward(model, sliced)
-
-
 def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int, fixes: tuple[str, ...] = ()):
     """One DPO step of aligner. `fixes` (diagnostic only): candidate library fixes to apply,
-    any of "fused_adam", "one_way_swap", "answer_only_head"."""
+    any of "fused_adam", "one_way_swap"."""
     from aligner.data.collate import collate_comparisons
     from aligner.models.weight_swap import ParkedWeights
     from aligner.trainers.dpo import PreferenceLoss, ReferenceLogProbs
@@ -139,9 +100,6 @@ def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int, fix
     from aligner.training.step import collect_forward, train_step
 
     model, _config = common.load_aligner_model(dtype, backend)
-    first, end = PROMPT_LEN - 1, PROMPT_LEN + ANSWER_LEN - 1  # positions predicting answer tokens
-    if "answer_only_head" in fixes:
-        answer_only_head(model, first, end)
     reference = ParkedWeights(model)  # the initial policy, as park_initial_weights does at step 0
     settings = OptimSettings.from_config(
         {"name": "adam", "lr": LR, "weight_decay": 0.0, "betas": list(BETAS), "eps": EPS,
@@ -157,8 +115,6 @@ def aligner_stepper(dtype: torch.dtype, backend: str, examples, pad_id: int, fix
     loss = PreferenceLoss(beta=BETA, loss_type="dpo", average_log_probs=False, sft_loss_weight=0.0,
                           preference_loss_weight=1.0, gt_reward_scale=1.0)
     reference_loss = ReferenceLogProbs()
-    if "answer_only_head" in fixes:
-        loss, reference_loss = AnswerSlice(loss, first, end), AnswerSlice(reference_loss, first, end)
     items = [{"chosen": torch.tensor(e["prompt_ids"] + e["chosen_ids"]),
               "rejected": torch.tensor(e["prompt_ids"] + e["rejected_ids"]),
               "chosen_prompt_len": len(e["prompt_ids"]), "rejected_prompt_len": len(e["prompt_ids"]),
@@ -284,15 +240,6 @@ def run_dtype(dtype_name: str, reps: int, warmup: int, block_steps: int, backend
         small = ("fused_adam", "one_way_swap")
         ours[f"{name} + fused Adam + one-way swap (diagnostic)"] = aligner_stepper(
             dtype, backend, examples, tokenizer.pad_token_id, fixes=small)
-        ours[f"{name} + those + answer-only head (diagnostic)"] = aligner_stepper(
-            dtype, backend, examples, tokenizer.pad_token_id, fixes=small + ("answer_only_head",))
-        # The answer-only head must not change what is computed: same first-step metrics.
-        lean_first = aligner_stepper(dtype, backend, examples, tokenizer.pad_token_id,
-                                     fixes=("answer_only_head",))()
-        assert abs(lean_first["chosen_logps"] - first["chosen_logps"]) < 1e-3 * abs(first["chosen_logps"]), \
-            (lean_first, first)
-        assert abs(lean_first["loss"] - first["loss"]) < 1e-5, (lean_first, first)
-        sanity["answer_only_head_first_step"] = {"loss": lean_first["loss"], "chosen_logps": lean_first["chosen_logps"]}
     # peer name -> autocast (TRL's bf16=True: fp32 weights, bf16 compute)
     peers = {"TRL DPOTrainer": False} if dtype == torch.float32 else \
         {"TRL DPOTrainer bf16 autocast": True, "TRL DPOTrainer bf16 weights": False}

@@ -269,7 +269,7 @@ class RolloutEngine:
         loop_cfg = cfg.trainer[s.loop_key]
         self.recompute_logprobs = bool(loop_cfg.get("recompute_logprobs", True))
         gap = loop_cfg.get("max_logprob_gap")
-        self.max_logprob_gap = float(gap) if gap is not None else (1e-3 if run.dtype == torch.float32 else 2e-2)
+        self.max_logprob_gap = float(gap) if gap is not None else (1e-3 if run.dtype == torch.float32 else 5e-2)
         self.logprob_check_rows = int(loop_cfg.get("logprob_check_rows", 4))
         if self.logprob_check_rows < 1 or not self.max_logprob_gap > 0:
             raise ValueError(f"trainer.{s.loop_key}.logprob_check_rows must be >= 1 and max_logprob_gap > 0, got "
