@@ -61,6 +61,23 @@ def resolve_pretrained(path: str | None):
     return pretrained.detect_format(path)
 
 
+def set_torch_threads(configured) -> None:
+    """trainer.torch_threads, else env ALIGNER_NUM_THREADS, else torch's default (one per core).
+    Processes sharing a machine (a PPO actor and its critic server) each take their share:
+    two processes of one thread per core each run slower than one that has the cores."""
+    value = configured if configured is not None else os.environ.get("ALIGNER_NUM_THREADS")
+    if value is None or value == "":
+        return
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1:
+        source = "trainer.torch_threads" if configured is not None else "env ALIGNER_NUM_THREADS"
+        raise ValueError(f"{source}={value!r}: give a whole number of threads >= 1 (or null for torch's default)")
+    torch.set_num_threads(threads)
+
+
 class Run:
     """One training run's shared machinery; the trainer module owns the loop."""
 
@@ -80,8 +97,7 @@ class Run:
                                             num_nodes=cfg.trainer.get("num_nodes"),
                                             expert_parallel=int(cfg.model.get("expert_model_parallel_size", 1)))
         configure_logging(self.layout.rank)
-        if os.environ.get("ALIGNER_NUM_THREADS"):
-            torch.set_num_threads(int(os.environ["ALIGNER_NUM_THREADS"]))
+        set_torch_threads(cfg.trainer.get("torch_threads"))
         self.dtype = parse_precision(cfg.trainer.precision)
         self.scalar_head = scalar_head
 

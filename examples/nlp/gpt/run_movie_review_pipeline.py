@@ -71,13 +71,17 @@ def main(argv: list[str] | None = None) -> dict:
                                   f"model.data.validation_ds.file_path={data / 'comparisons_val.jsonl'}"])
 
     stage("3/3 PPO: critic server + actor")
+    # each process its share of the cores: one thread per core in each would oversubscribe them
+    # (bench_ppo: 1 + 1 threads on 2 cores ran at least as fast as 2 + 2)
+    threads = f"trainer.torch_threads={max(1, (os.cpu_count() or 2) // 2)}"
     port = free_port()
     token = secrets.token_hex(16)
     token_env = {**os.environ, "ALIGNER_CRITIC_TOKEN": token}  # both sides; not in argv (ps shows argv)
     critic_log = open(out / "critic_server.log", "w")
     critic_cmd = [sys.executable, str(SCRIPTS / "serve_ppo_critic.py"), tok,
                   f"exp_manager.explicit_log_dir={out / 'critic'}", f"trainer.ppo.port={port}",
-                  f"trainer.ppo.max_steps={args.ppo_steps}", f"pretrained_checkpoint.restore_from_path={out / 'rm'}"]
+                  f"trainer.ppo.max_steps={args.ppo_steps}", f"pretrained_checkpoint.restore_from_path={out / 'rm'}",
+                  threads]
     print("$ ALIGNER_CRITIC_TOKEN=<random>", " ".join(critic_cmd), f"> {critic_log.name} &", flush=True)
     critic = subprocess.Popen(critic_cmd, cwd=REPO, stdout=critic_log, stderr=subprocess.STDOUT, env=token_env)
     try:
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        f"pretrained_checkpoint.restore_from_path={out / 'sft'}",
                                        f"remote_critic_rm.critic.port={port}",
                                        f"model.data.train_ds.file_path={data / 'prompts_train.jsonl'}",
-                                       f"model.data.validation_ds.file_path={data / 'prompts_val.jsonl'}"],
+                                       f"model.data.validation_ds.file_path={data / 'prompts_val.jsonl'}", threads],
             env=token_env)
     finally:
         critic.send_signal(signal.SIGTERM)
