@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
-SCRIPTS = REPO / "examples" / "nlp" / "gpt"
+from smollm2_recipe import prepare, train_and_export  # this directory: the recipes' shared steps
 REQUEST = "Finish this movie review in one sentence: {prefix}"
 
 
@@ -89,20 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     hf_dir = gguf.smollm2_hf_dir()
     data = out / "data"
-    subprocess.run([sys.executable, "-m", "aligner.data.prep.movie_reviews", "--output-dir", str(data),
-                    "--comparison-style", "continuation", "--max-words", "32"],
-                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    prepare("movie_reviews", data, "--comparison-style", "continuation", "--max-words", "32")
     write_chat_pairs(data / "comparisons_train.jsonl", data / "chat_comparisons_train.jsonl", None)
     write_chat_pairs(data / "comparisons_val.jsonl", data / "chat_comparisons_val.jsonl", None)
     log_dir = out / "dpo"
-    cmd = [sys.executable, str(SCRIPTS / "train_gpt_dpo.py"), *dpo_overrides(hf_dir, data, log_dir, args)]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
-
-    export_dir = out / "hf_export"
-    last = log_dir / "checkpoints" / f"step_{args.steps:07d}"
-    subprocess.run([sys.executable, str(SCRIPTS / "export_hf.py"), str(last), str(export_dir),
-                    "--tokenizer-dir", str(hf_dir)], check=True, cwd=REPO)
+    export_dir = train_and_export("train_gpt_dpo.py", dpo_overrides(hf_dir, data, log_dir, args), log_dir, args.steps,
+                                  hf_dir, out / "hf_export")
     held_out_pairs = [json.loads(line) for line in
                       (data / "chat_comparisons_val.jsonl").read_text().splitlines()[:args.val_pairs]]
     prefixes = [json.loads(line)["prompt"] for line in

@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
-SCRIPTS = REPO / "examples" / "nlp" / "gpt"
+from smollm2_recipe import prepare, train_and_export  # this directory: the recipes' shared steps
 PROMPT_FORMAT = "What is {expression}? Reply with only the number."
 
 
@@ -71,21 +68,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     hf_dir = gguf.smollm2_hf_dir()
     data = out / "data"
-    subprocess.run([sys.executable, "-m", "aligner.data.prep.arithmetic", "--output-dir", str(data),
-                    "--digits", "1..2", "--operators", "+", "--train-size", "2000", "--val-size", "200",
-                    "--sft-size", "0", "--sft-val-size", "0", "--prompt-format", PROMPT_FORMAT],
-                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    prepare("arithmetic", data, "--digits", "1..2", "--operators", "+", "--train-size", "2000", "--val-size", "200",
+            "--sft-size", "0", "--sft-val-size", "0", "--prompt-format", PROMPT_FORMAT)
     log_dir = out / "grpo"
-    cmd = [sys.executable, str(SCRIPTS / "train_gpt_grpo.py"), *grpo_overrides(hf_dir, data, log_dir, args)]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
-
+    export_dir = train_and_export("train_gpt_grpo.py", grpo_overrides(hf_dir, data, log_dir, args), log_dir,
+                                  args.steps, hf_dir, out / "hf_export")
     rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     accuracy = {int(r["step"]): r["val/reward_mean"] for r in rows if "val/reward_mean" in r}
-    export_dir = out / "hf_export"
-    last = log_dir / "checkpoints" / f"step_{args.steps:07d}"
-    subprocess.run([sys.executable, str(SCRIPTS / "export_hf.py"), str(last), str(export_dir),
-                    "--tokenizer-dir", str(hf_dir)], check=True, cwd=REPO)
     sample = generate_with_transformers(export_dir, data / "prompts_val.jsonl")
     summary = {"model": "SmolLM2-135M-Instruct", "steps": args.steps, "held_out_problems": args.val_size,
                "accuracy_by_step": accuracy, "accuracy_before": accuracy.get(0), "accuracy_after": accuracy.get(args.steps),
