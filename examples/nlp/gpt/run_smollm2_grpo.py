@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from smollm2_recipe import prepare, train_and_export  # this directory: the recipes' shared steps
+from smollm2_recipe import directories, parse_args, prepare, train_and_export  # this directory: the recipes' shared steps
 PROMPT_FORMAT = "What is {expression}? Reply with only the number."
 
 
@@ -57,17 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=4e-6)
     parser.add_argument("--temperature", type=float, default=0.7,
                         help="rollout sampling; at 1.0 a 135M model rarely answers right: groups without signal")
-    parser.add_argument("--quick", action="store_true", help="2 steps on 8 held-out problems (wiring check)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.val_every, args.val_size, args.prompts, args.generations = 2, 2, 8, 4, 4
-    out = Path(args.out).resolve()
+    args = parse_args(parser, argv, quick=dict(steps=2, val_every=2, val_size=8, prompts=4, generations=4))
     started = time.time()
-
-    from aligner.models.hf import gguf
-
-    hf_dir = gguf.smollm2_hf_dir()
-    data = out / "data"
+    out, hf_dir, data = directories(args.out)
     prepare("arithmetic", data, "--digits", "1..2", "--operators", "+", "--train-size", "2000", "--val-size", "200",
             "--sft-size", "0", "--sft-val-size", "0", "--prompt-format", PROMPT_FORMAT)
     log_dir = out / "grpo"

