@@ -385,11 +385,11 @@ class RolloutEngine:
         """The policy's log-probs of its own samples before the update (PPO's "old" log-probs),
         and the guard's metrics.
 
-        trainer.<loop>.recompute_logprobs=true: a forward pass over every row. auto: the
-        sampler already computed them from the same weights (raw logits), so they are reused
-        once a forward pass over the first ``logprob_check_rows`` rows of every rank agrees with
-        them: a masked mean |gap| above ``max_logprob_gap`` anywhere (a stale engine, a
-        precision mismatch) recomputes every row instead. The decision is the same on all ranks."""
+        trainer.<loop>.recompute_logprobs=true: a forward pass over every row. false (the
+        default): the sampler already computed them from the same weights (raw logits), so they
+        are reused once a forward pass over the first ``logprob_check_rows`` rows of every rank
+        agrees with them: a masked mean |gap| above ``max_logprob_gap`` anywhere (a stale engine,
+        a precision mismatch) recomputes every row instead. The decision is the same on all ranks."""
         if self.recompute_logprobs:
             logprobs = self.logprobs(rollouts)
             guard = logprob_gap(rollouts, logprobs)
