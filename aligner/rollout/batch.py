@@ -39,7 +39,7 @@ class Rollouts:
     prompts: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
     fields: list[dict] = field(default_factory=list)  # the prompt rows' other fields (e.g. "answer")
-    logprobs: torch.Tensor | None = None  # [N,S] actor, recomputed by the trainer
+    logprobs: torch.Tensor | None = None  # [N,S] actor's "old" log-probs (the sampler's, checked, or recomputed); responses only
     ref_logprobs: torch.Tensor | None = None  # [N,S] reference policy
     rewards: torch.Tensor | None = None  # [N] float
     valid: torch.Tensor | None = None  # [N] bool: the scorer could score the sample

@@ -134,7 +134,8 @@ class Algorithm(Protocol):
 
 # ----------------------------------------------------------------------------- model passes
 class TokenLogProbs(ForwardOnly):
-    """Per-token log-probs [B,S] (index t = log p(token t+1))."""
+    """Per-token log-probs [B,S] (index t = log p(token t+1)); 0 before the micro-batch's first
+    response column (never read: every use is masked to responses)."""
 
     def run(self, model, batch):
         return next_token_logits(model, batch["tokens"], first_masked_column(batch["mask"]))
@@ -166,9 +167,17 @@ class PolicyLoss:
             part = {k: v[:, start:] for k, v in batch.items() if k in ("policy_mask", "labels", "old_logprobs",
                                                                        "advantages", "ref_logprobs")}
             mask = part["policy_mask"]
+            logprobs = token_logprobs_from_logits(logits.float(), part["labels"])
+            # Masked columns count for nothing, but their values still pass through exp() in the
+            # ratio and in k3: there, old and reference log-probs may be zeros (reused sampler
+            # log-probs, or a log-prob micro-batch that started later), and exp(0 - (-100))
+            # would be inf and its masked gradient 0 * inf = NaN. Make them the policy's own.
+            own = logprobs.detach()
+            for key in ("old_logprobs", "ref_logprobs"):
+                if key in part:
+                    part[key] = torch.where(mask > 0, part[key], own)
             # seq-mean-token-sum-norm divides by the padded width: the whole row's, not the slice's
             scale = s.loss_scale_factor if s.loss_scale_factor is not None else float(batch["policy_mask"].shape[-1])
-            logprobs = token_logprobs_from_logits(logits.float(), part["labels"])
             # each term is this micro-batch's own aggregate; times the local count it is the
             # micro-batch's share of the numerator of the global aggregate
             loss, metrics = clipped_policy_loss(logprobs, part["old_logprobs"], part["advantages"], mask,
@@ -267,7 +276,7 @@ class RolloutEngine:
                                      tokenizer=run.tokenizer, vocab_size=run.model_config.vocab_size,
                                      export_weights=self.export_policy_weights)
         loop_cfg = cfg.trainer[s.loop_key]
-        self.recompute_logprobs = bool(loop_cfg.get("recompute_logprobs", True))
+        self.recompute_logprobs = bool(loop_cfg.get("recompute_logprobs", False))
         gap = loop_cfg.get("max_logprob_gap")
         self.max_logprob_gap = float(gap) if gap is not None else (1e-3 if run.dtype == torch.float32 else 5e-2)
         self.logprob_check_rows = int(loop_cfg.get("logprob_check_rows", 4))
@@ -395,8 +404,11 @@ class RolloutEngine:
             guard = logprob_gap(rollouts, logprobs)
             return logprobs, {**guard, "logprobs_recomputed": 1.0}
         checked = rollouts.select(torch.arange(min(self.logprob_check_rows, len(rollouts))))
-        guard = logprob_gap(checked, self.logprobs(checked))
-        worst = max_over_world(guard["generator_logprob_abs_gap"])
+        trainer_logprobs = self.logprobs(checked)
+        guard = logprob_gap(checked, trainer_logprobs)
+        # each rank's own gap (not the data-parallel mean): one stale rank must not be diluted
+        worst = max_over_world(float(masked_mean((checked.generator_logprobs - trainer_logprobs).abs(),
+                                                 checked.mask)))
         if not worst <= self.max_logprob_gap:  # NaN too
             log.warning("generator/trainer log-prob gap %.3g > trainer.%s.max_logprob_gap=%.3g: recomputing this "
                         "step's old log-probs", worst, self.settings.loop_key, self.max_logprob_gap)

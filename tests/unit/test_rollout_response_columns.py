@@ -132,3 +132,34 @@ def test_dpo_loss_and_reference_pass_on_answer_columns_equal_whole_rows(model):
     # validation's KL: the policy is the reference here, so exactly zero on every answer token
     kl_sum, kl_tokens = sums["kl_to_ref"]
     assert float(kl_tokens) == float(mask.sum()) and abs(float(kl_sum)) < 1e-4
+
+
+def test_zero_old_and_reference_log_probs_in_masked_columns_leave_gradients_finite(model):
+    """Reused sampler log-probs and a log-prob micro-batch that started at a later column leave
+    zeros in masked columns of old/ref log-probs. With a peaked policy (log-probs near -1000
+    there) k3 = exp(ref - logp) - ... overflows: the masked gradient must stay 0, not 0 * inf."""
+    batch = _batch(5)
+    mask = batch["policy_mask"]
+    settings = UpdateSettings(epochs=1, mini_batch_size=4, micro_batch_size=4, clip_ratio_low=0.2,
+                              kl_loss_coef=0.1, kl_loss_type="k3")
+    weight = model.output_layer.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(300.0)  # a very peaked next-token distribution
+            tokens = batch["tokens"]
+            whole = model(tokens, position_ids_for(tokens), None, runtime_gather_output=True)
+            own = torch.log_softmax(whole.float(), -1).gather(-1, batch["labels"][..., None])[..., 0]
+        assert own[mask == 0].min() < -100  # exp(0 - logp) overflows float32 in the masked columns
+        # the policy's own log-probs where the loss counts, zeros wherever nothing counts
+        batch["old_logprobs"] = batch["ref_logprobs"] = own * mask
+        model.zero_grad()
+        logits, loss_fn = PolicyLoss(settings).forward(model, batch)
+        total, count, _ = loss_fn(logits)
+        (total / count).backward()
+        assert torch.isfinite(total)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+        model.zero_grad()
