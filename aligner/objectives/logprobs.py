@@ -92,6 +92,16 @@ def token_logprobs_from_logits(
     return _TokenLogProbs.apply(logits, labels.long(), chunk_tokens)
 
 
+def trailing_token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whole-row ``[batch, seq]`` float32 log-probs from logits of the last ``seq - start``
+    columns only (``next_token_logits(..., first_column=start)``); 0 in the first ``start``
+    columns, which no loss reads. No gradient."""
+    start = labels.shape[1] - logits.shape[1]
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    out[:, start:] = token_logprobs_from_logits(logits.float(), labels[:, start:]).detach()
+    return out
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at every position.
 

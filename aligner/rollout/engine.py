@@ -37,7 +37,7 @@ from aligner.generation.backend import build_backend
 from aligner.generation.params import SamplingParams
 from aligner.models.gpt import next_token_logits
 from aligner.objectives.kl import token_kl
-from aligner.objectives.logprobs import entropy_from_logits, token_logprobs_from_logits
+from aligner.objectives.logprobs import entropy_from_logits, token_logprobs_from_logits, trailing_token_logprobs
 from aligner.objectives.masked import masked_mean
 from aligner.objectives.masks import first_masked_column, response_mask
 from aligner.objectives.policy_loss import (
@@ -141,10 +141,7 @@ class TokenLogProbs(ForwardOnly):
         return next_token_logits(model, batch["tokens"], first_masked_column(batch["mask"]))
 
     def outputs(self, logits, batch):  # logits of the columns from the first response column on
-        start = first_masked_column(batch["mask"])
-        logprobs = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=logits.device)
-        logprobs[:, start:] = token_logprobs_from_logits(logits.float(), batch["labels"][:, start:])
-        return {"logprobs": logprobs.detach()}
+        return {"logprobs": trailing_token_logprobs(logits, batch["labels"])}
 
 
 class PolicyLoss:
@@ -217,15 +214,16 @@ def mean_over_dp(value: float, count: float) -> float:
     return weighted_mean_over_ranks(value, count)
 
 
-def logprob_gap(rollouts: Rollouts, trainer_logprobs: torch.Tensor) -> dict[str, float]:
-    """How far the sampler's log-probs are from the trainer's on the same rows (response tokens,
-    mean over data-parallel ranks): |gap| and the k3 KL estimate."""
+def logprob_gap(rollouts: Rollouts, trainer_logprobs: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """How far the sampler's log-probs are from the trainer's on the same rows (response
+    tokens): this rank's mean |gap|, and the metrics (|gap|, k3 KL estimate) averaged over the
+    data-parallel ranks."""
     mask = rollouts.mask
     tokens = float(mask.sum())
-    gap = masked_mean((rollouts.generator_logprobs - trainer_logprobs).abs(), mask)
+    gap = float(masked_mean((rollouts.generator_logprobs - trainer_logprobs).abs(), mask))
     kl_error = approx_kl_k3(rollouts.generator_logprobs, trainer_logprobs, mask)
-    return {"generator_logprob_abs_gap": mean_over_dp(float(gap), tokens),
-            "generator_kl_error": mean_over_dp(float(kl_error), tokens)}
+    return gap, {"generator_logprob_abs_gap": mean_over_dp(gap, tokens),
+                 "generator_kl_error": mean_over_dp(float(kl_error), tokens)}
 
 
 def average_updates(results: list[dict[str, float]]) -> dict[str, float]:
@@ -401,19 +399,16 @@ class RolloutEngine:
         a precision mismatch) recomputes every row instead. The decision is the same on all ranks."""
         if self.recompute_logprobs:
             logprobs = self.logprobs(rollouts)
-            guard = logprob_gap(rollouts, logprobs)
-            return logprobs, {**guard, "logprobs_recomputed": 1.0}
+            return logprobs, {**logprob_gap(rollouts, logprobs)[1], "logprobs_recomputed": 1.0}
         checked = rollouts.select(torch.arange(min(self.logprob_check_rows, len(rollouts))))
-        trainer_logprobs = self.logprobs(checked)
-        guard = logprob_gap(checked, trainer_logprobs)
+        own_gap, guard = logprob_gap(checked, self.logprobs(checked))
         # each rank's own gap (not the data-parallel mean): one stale rank must not be diluted
-        worst = max_over_world(float(masked_mean((checked.generator_logprobs - trainer_logprobs).abs(),
-                                                 checked.mask)))
+        worst = max_over_world(own_gap)
         if not worst <= self.max_logprob_gap:  # NaN too
             log.warning("generator/trainer log-prob gap %.3g > trainer.%s.max_logprob_gap=%.3g: recomputing this "
                         "step's old log-probs", worst, self.settings.loop_key, self.max_logprob_gap)
             logprobs = self.logprobs(rollouts)
-            return logprobs, {**logprob_gap(rollouts, logprobs), "logprobs_recomputed": 1.0}
+            return logprobs, {**logprob_gap(rollouts, logprobs)[1], "logprobs_recomputed": 1.0}
         return rollouts.generator_logprobs * rollouts.mask, {**guard, "logprobs_recomputed": 0.0}
 
     # -- the policy update

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from aligner.models.gpt import next_token_logits
 from aligner.models.weight_swap import ParkedWeights
-from aligner.objectives.logprobs import sequence_logprobs, token_logprobs_from_logits
+from aligner.objectives.logprobs import sequence_logprobs, token_logprobs_from_logits, trailing_token_logprobs
 from aligner.objectives.masks import first_masked_column
 from aligner.objectives.preference import PREFERENCE_LOSS_TYPES, preference_loss
 from aligner.trainers.reward_model import comparison_loop_data
@@ -32,10 +32,7 @@ class ReferenceLogProbs(ForwardOnly):
         return next_token_logits(model, batch["tokens"], first_masked_column(batch["loss_mask"]))
 
     def outputs(self, logits, batch):  # logits of the columns from the first answer column on
-        start = first_masked_column(batch["loss_mask"])
-        token_logps = torch.zeros(batch["labels"].shape, dtype=torch.float32, device=logits.device)
-        token_logps[:, start:] = token_logprobs_from_logits(logits.float(), batch["labels"][:, start:])
-        out = {"token_logps": token_logps}
+        out = {"token_logps": trailing_token_logprobs(logits, batch["labels"])}
         if self.keep_distribution:  # [2B, S - start, V]: the same columns as the policy's in the loss
             out["log_probs_full"] = torch.log_softmax(logits.float(), dim=-1)
         return out
