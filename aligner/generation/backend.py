@@ -21,8 +21,9 @@ class GenerationBackend(Protocol):
     name: str
 
     def generate(self, prompt_tokens: torch.Tensor, prompt_lengths: torch.Tensor,
-                 params: SamplingParams) -> GenerationOutput:
-        """prompt_tokens [B, P] right-padded, prompt_lengths [B] -> prompt + response batch."""
+                 params: SamplingParams, row_keys=None) -> GenerationOutput:
+        """prompt_tokens [B, P] right-padded, prompt_lengths [B] -> prompt + response batch.
+        row_keys: [B] per-row random stream keys (see KVCacheSampler.generate), or None."""
 
     def refit(self, model) -> None:
         """Make the next `generate` use `model`'s current weights."""
@@ -46,8 +47,8 @@ class MegatronSamplerBackend:
                                       max_sequence_length=max_sequence_length, tokenizer=tokenizer,
                                       vocab_size=vocab_size)
 
-    def generate(self, prompt_tokens, prompt_lengths, params: SamplingParams) -> GenerationOutput:
-        return self.sampler.generate(prompt_tokens, prompt_lengths, params)
+    def generate(self, prompt_tokens, prompt_lengths, params: SamplingParams, row_keys=None) -> GenerationOutput:
+        return self.sampler.generate(prompt_tokens, prompt_lengths, params, row_keys=row_keys)
 
     def refit(self, model) -> None:
         self.sampler.model = model

@@ -36,6 +36,7 @@ from aligner.distributed.collectives import broadcast_tensor_parallel
 from aligner.generation.output import GenerationOutput
 from aligner.generation.params import LENGTH_KEY, SAMPLING_KEY, SamplingParams
 from aligner.generation.sampling import sample_next, suppress_eos_, token_logprobs
+from aligner.generation.streams import counter_uniform
 
 # (tokens [B, T] buffer, length) -> logits [B, V] predicting position `length` from tokens[:, :length]
 NextLogits = Callable[[torch.Tensor, int], torch.Tensor]
@@ -82,14 +83,20 @@ class KVCacheSampler:
     # -- public API -------------------------------------------------------------------------
 
     def generate(self, prompt_tokens: torch.Tensor, prompt_lengths: torch.Tensor,
-                 params: SamplingParams) -> GenerationOutput:
-        """prompt_tokens [B, P] right-padded, prompt_lengths [B] -> GenerationOutput (KV cache)."""
-        return self._run(prompt_tokens, prompt_lengths, params, cached=True)
+                 params: SamplingParams, row_keys=None) -> GenerationOutput:
+        """prompt_tokens [B, P] right-padded, prompt_lengths [B] -> GenerationOutput (KV cache).
+
+        row_keys: [B] stream keys (aligner.generation.streams.stream_key). Each row's t-th token
+            then draws counter_uniform(key, t): its samples do not depend on the other rows of
+            the batch, its position in it, or the parallel layout. None: one generator seeded
+            with params.seed steps the whole batch.
+        """
+        return self._run(prompt_tokens, prompt_lengths, params, cached=True, row_keys=row_keys)
 
     def generate_no_cache(self, prompt_tokens: torch.Tensor, prompt_lengths: torch.Tensor,
-                          params: SamplingParams) -> GenerationOutput:
+                          params: SamplingParams, row_keys=None) -> GenerationOutput:
         """Same contract and same samples as `generate`, recomputing the whole sequence each step."""
-        return self._run(prompt_tokens, prompt_lengths, params, cached=False)
+        return self._run(prompt_tokens, prompt_lengths, params, cached=False, row_keys=row_keys)
 
     def release_cache(self) -> None:
         """Free the KV cache buffers (they are re-allocated on the next `generate`)."""
@@ -97,7 +104,8 @@ class KVCacheSampler:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def _run(self, prompt_tokens, prompt_lengths, params: SamplingParams, cached: bool) -> GenerationOutput:
+    def _run(self, prompt_tokens, prompt_lengths, params: SamplingParams, cached: bool,
+             row_keys=None) -> GenerationOutput:
         from aligner.compat import megatron_cpu
 
         if megatron_cpu.is_installed():
@@ -105,6 +113,11 @@ class KVCacheSampler:
         inner = _unwrap(self.model)
         device = next(inner.parameters()).device
         prompt_tokens, prompt_lengths = self._check_inputs(prompt_tokens, prompt_lengths, params, device)
+        if row_keys is not None:
+            row_keys = torch.as_tensor(row_keys, dtype=torch.int64).to(device)
+            if row_keys.shape != prompt_lengths.shape:
+                raise ValueError(f"row_keys must be one key per prompt ({tuple(prompt_lengths.shape)}), "
+                                 f"got shape {tuple(row_keys.shape)}")
         if cached:
             next_logits = self._cached_logits(inner, prompt_tokens.shape[0], max_sequence=int(prompt_lengths.max())
                                               + params.max_length, device=device)
@@ -117,12 +130,12 @@ class KVCacheSampler:
             # several hundred per decode step; the inference forward and this loop need none of its
             # redirections (tests/unit/test_generation_unchanged.py and the TP=2 test check it redirects nothing here).
             with torch.no_grad(), megatron_cpu.suspended():
-                return self._decode(prompt_tokens, prompt_lengths, params, next_logits)
+                return self._decode(prompt_tokens, prompt_lengths, params, next_logits, row_keys)
         finally:
             self.model.train(was_training)
 
     def _decode(self, prompts: torch.Tensor, prompt_lengths: torch.Tensor, params: SamplingParams,
-                next_logits: NextLogits) -> GenerationOutput:
+                next_logits: NextLogits, row_keys: torch.Tensor | None = None) -> GenerationOutput:
         batch, device = prompts.shape[0], prompts.device
         max_prompt = int(prompt_lengths.max())
         min_prompt = int(prompt_lengths.min())
@@ -135,7 +148,7 @@ class KVCacheSampler:
         response_lengths = torch.zeros(batch, dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         is_end = torch.zeros(batch, dtype=torch.bool, device=device)
-        generator = _make_generator(params.seed, device)
+        generator = _make_generator(params.seed, device) if row_keys is None else None
         # Host-side bounds, so that steps skip work no row needs (results are the same either way):
         # a generating row has produced length - prompt_length tokens, hence below min_length only
         # while length < its prompt length + min_length, and a row reads its prompt while length <
@@ -161,8 +174,10 @@ class KVCacheSampler:
             if length < suppress_until:
                 eos_column = suppress_eos_(work, self.eos_id, response_lengths < params.min_length)
             # Drawn for every row on every step (see sample_next); rows that are still reading
-            # their prompt or are finished ignore theirs.
-            sampled = broadcast_tensor_parallel(sample_next(work, params, generator))
+            # their prompt or are finished ignore theirs. With row keys a generating row's counter
+            # is the number of tokens it has generated so far.
+            uniform = None if row_keys is None else counter_uniform(row_keys, response_lengths)
+            sampled = broadcast_tensor_parallel(sample_next(work, params, generator, uniform))
             if any_generating:
                 tokens[:, length] = torch.where(generating, sampled, tokens[:, length])
                 step_logprobs = token_logprobs(work, sampled, logsumexp, self.eos_id, eos_column)

@@ -86,14 +86,17 @@ def sample_from_probs(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tenso
     return index.clamp_(max=probs.shape[-1] - 1)
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                uniform: torch.Tensor | None = None) -> torch.Tensor:
     """[B,V] logits (EOS suppression already applied) -> [B] next-token ids. `logits` is not modified.
 
-    Always draws exactly B uniforms from `generator` per call, even when greedy or when some
-    rows are finished, so that two code paths stepping the same batch (KV cache vs full
-    recomputation, or every tensor-parallel rank) stay in lock-step on the random stream.
+    `uniform` ([B] in [0, 1), e.g. from aligner.generation.streams) supplies the draws; without
+    it exactly B uniforms come from `generator` per call, even when greedy or when some rows are
+    finished, so that two code paths stepping the same batch (KV cache vs full recomputation, or
+    every tensor-parallel rank) stay in lock-step on the random stream.
     """
-    uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
     if params.greedy:
         return logits.argmax(dim=-1)
     scaled = logits.float()

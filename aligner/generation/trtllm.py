@@ -85,7 +85,9 @@ class TRTLLMBackend:
         )
 
     def generate(self, prompt_tokens: torch.Tensor, prompt_lengths: torch.Tensor,
-                 params: SamplingParams) -> GenerationOutput:
+                 params: SamplingParams, row_keys=None) -> GenerationOutput:
+        """row_keys are not used: the engine draws its own random stream from params.seed, so its
+        rollouts depend on the batching (the support matrix says so)."""
         if self._llm is None:
             self._build_engine()
         trt_params = self._trtllm.SamplingParams(

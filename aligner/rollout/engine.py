@@ -35,6 +35,7 @@ from aligner.distributed.setup import all_reduce_sum_dp
 from aligner.faults import fault_point
 from aligner.generation.backend import build_backend
 from aligner.generation.params import SamplingParams
+from aligner.generation.streams import stream_key
 from aligner.models.gpt import next_token_logits
 from aligner.objectives.kl import token_kl
 from aligner.objectives.logprobs import entropy_from_logits, token_logprobs_from_logits, trailing_token_logprobs
@@ -57,6 +58,7 @@ from aligner.training.run import Run
 from aligner.training.step import ForwardOnly, collect_forward, mean_metric, train_step
 
 log = logging.getLogger("aligner.rollout")
+VALIDATION_STREAM = 0x5A1  # the first part of validation's stream keys (training's is the run seed)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -307,19 +309,33 @@ class RolloutEngine:
                         tokenizer_dir=tokenizer_dir if Path(str(tokenizer_dir)).is_dir() else None)
 
     # -- generation and scoring
-    def sampling_seed(self, micro_batch: int, round_: int = 0) -> int:
-        """A different, reproducible random stream per step, micro-batch, data-parallel rank
-        (and extra generation round)."""
-        return (int(self.cfg.model.seed) * 1_000_003 + self.run.step * 10_007 + micro_batch * 101
-                + self.run.layout.dp_rank + round_ * 7_919) % (2 ** 62)
+    def stream_keys(self, rows: list[tuple[int, int]], first_prompt: int, fixed_seed: bool, seed: int | None,
+                    round_: int) -> list[int]:
+        """One random stream per row, keyed by what the row *is*, never by where it runs: the
+        prompt's index in the step's global batch (``first_prompt`` + its position here), the
+        sample's index among that prompt's samples, the step and the generation round. The same
+        global batch therefore gets the same samples at any data-parallel, tensor-parallel or
+        micro-batch layout. fixed_seed (validation): the step is left out, so every evaluation
+        draws the same samples."""
+        base = (VALIDATION_STREAM, seed or 0) if fixed_seed else (int(self.cfg.model.seed), self.run.step, round_)
+        sample_of, keys = {}, []
+        for local_prompt, _ in rows:
+            sample = sample_of[local_prompt] = sample_of.get(local_prompt, -1) + 1
+            keys.append(stream_key(*base, first_prompt + local_prompt, sample))
+        return keys
 
     @torch.no_grad()
     def generate(self, prompt_indices: list[int], dataset: PromptDataset, params: SamplingParams,
-                 samples_per_prompt: int = 1, fixed_seed: bool = False, round_: int = 0) -> Rollouts:
+                 samples_per_prompt: int = 1, fixed_seed: bool = False, round_: int = 0,
+                 first_prompt: int | None = None) -> Rollouts:
         """n samples of each prompt, consecutive; every micro-batch goes to the scorer at once.
-        fixed_seed: keep params.seed (validation: the same draws at every evaluation)."""
+        fixed_seed: the same draws at every evaluation (validation). first_prompt: the global
+        index of prompt_indices[0] (default: this rank's slice of an evenly split global batch)."""
         micro = self.settings.rollout_micro_batch_size
         rows = [(g, i) for g, i in enumerate(prompt_indices) for _ in range(samples_per_prompt)]
+        if first_prompt is None:
+            first_prompt = self.run.layout.dp_rank * len(prompt_indices)
+        keys = self.stream_keys(rows, first_prompt, fixed_seed, params.seed, round_)
         outputs, handles, texts = [], [], []
         scorer = self.algorithm.scorer
         tokenizer = self.run.tokenizer
@@ -327,9 +343,10 @@ class RolloutEngine:
             part = rows[start:start + micro]
             items = [dataset[i] for _, i in part]
             batch = collate_prompts(items, tokenizer.pad_id)
-            seeded = params if fixed_seed else dataclasses.replace(params, seed=self.sampling_seed(start // micro,
-                                                                                                  round_))
-            out = self.backend.generate(batch["prompt_tokens"], batch["prompt_lengths"], seeded)
+            # params.seed still seeds engines that draw their own streams (TensorRT-LLM)
+            seeded = dataclasses.replace(params, seed=keys[start])
+            out = self.backend.generate(batch["prompt_tokens"], batch["prompt_lengths"], seeded,
+                                        row_keys=keys[start:start + micro])
             responses = [tokenizer.decode(out.tokens[r, out.prompt_lengths[r]:out.sequence_lengths[r]].tolist(),
                                           skip_special_tokens=True) for r in range(out.tokens.shape[0])]
             outputs.append((out, torch.tensor([g for g, _ in part]), torch.tensor([i for _, i in part])))
@@ -516,8 +533,9 @@ class RolloutEngine:
         dp, rank = run.layout.data_parallel, run.layout.dp_rank
         per_rank = max(count // dp, 1)
         indices = list(range(rank * per_rank, min((rank + 1) * per_rank, len(self.val_prompts))))
-        seeded = dataclasses.replace(self.val_sampling, seed=int(self.cfg.model.seed) + 7 + rank)
-        rollouts = self.generate(indices, self.val_prompts, seeded, fixed_seed=True)
+        seeded = dataclasses.replace(self.val_sampling, seed=int(self.cfg.model.seed) + 7)
+        rollouts = self.generate(indices, self.val_prompts, seeded, fixed_seed=True,
+                                 first_prompt=indices[0] if indices else 0)
         self.collect_scores(rollouts)
         n = float(len(indices))
         metrics = {

@@ -15,7 +15,9 @@ from aligner.distributed.setup import initialize
 from aligner.generation.params import SamplingParams
 from aligner.generation.sampler import KVCacheSampler
 from aligner.models.config import ModelConfig
+from aligner.generation.streams import stream_key
 from aligner.models.gpt import build_gpt, causal_attention_mask, position_ids_for
+from tests.unit.test_generation_streams import reference_uniform
 
 CONFIG = ModelConfig(arch="llama", vocab_size=96, hidden_size=48, ffn_hidden_size=96, num_layers=2,
                      num_attention_heads=4, num_query_groups=2, max_position_embeddings=64)
@@ -108,11 +110,13 @@ def reference_probs(logits: list[float], params: SamplingParams, forbid_eos: boo
     return [weights.get(i, 0.0) for i in range(len(z))]
 
 
-def reference_generate(model, prompt_tokens, prompt_lengths, params: SamplingParams, tokenizer=None):
+def reference_generate(model, prompt_tokens, prompt_lengths, params: SamplingParams, tokenizer=None,
+                       row_keys=None):
     """Row by row, no padding, full recomputation; float64 sampling.
 
     Follows the documented random-stream contract: starting at the shortest prompt, every step
-    draws one uniform per batch row (whether or not that row uses it).
+    draws one uniform per batch row (whether or not that row uses it); with row_keys, a row's
+    t-th token uses the plain-integer reference of counter_uniform(key, t) instead.
     Returns per row: (response token list, response logprob list, is_end).
     """
     gen = torch.Generator().manual_seed(params.seed if params.seed is not None else 0)
@@ -136,7 +140,8 @@ def reference_generate(model, prompt_tokens, prompt_lengths, params: SamplingPar
                 token = max(range(len(z)), key=lambda i: z[i])
             else:
                 weights = reference_probs(row, params, forbid)
-                target, cumulative, token = uniform[b] * sum(weights), 0.0, None
+                u = uniform[b] if row_keys is None else reference_uniform(row_keys[b], len(responses[b]))
+                target, cumulative, token = u * sum(weights), 0.0, None
                 for i, w in enumerate(weights):
                     cumulative += w
                     if cumulative > target:
@@ -192,6 +197,55 @@ def test_kv_cache_matches_recomputation_and_row_by_row_reference(model, eos_bias
     assert torch.equal(cached.is_end, recomputed.is_end)
     assert torch.allclose(cached.generator_logprobs, recomputed.generator_logprobs, atol=1e-5, rtol=0)
     assert_matches_reference(cached, reference_generate(model, *prompts, params), *prompts)
+
+
+ROW_KEYS = [stream_key(123, row) for row in range(len(LENGTHS))]
+
+
+def test_row_keyed_streams_match_recomputation_and_reference(model, eos_bias, prompts):
+    eos_bias.value = 2.0
+    params = PARAMS["sampling"]
+    sampler = make_sampler(model)
+    cached = sampler.generate(*prompts, params, row_keys=ROW_KEYS)
+    recomputed = sampler.generate_no_cache(*prompts, params, row_keys=ROW_KEYS)
+    assert cached.is_end.any() and not cached.is_end.all(), cached.is_end
+    assert torch.equal(cached.tokens, recomputed.tokens)
+    assert_matches_reference(cached, reference_generate(model, *prompts, params, row_keys=ROW_KEYS), *prompts)
+    # the keys, not params.seed, decide the draws
+    assert not torch.equal(cached.tokens, sampler.generate(*prompts, params).tokens)
+    reseeded = sampler.generate(*prompts, dataclasses.replace(params, seed=999), row_keys=ROW_KEYS)
+    assert torch.equal(cached.tokens, reseeded.tokens)
+
+
+def test_row_keyed_samples_do_not_depend_on_the_rest_of_the_batch(model, eos_bias, prompts):
+    """What makes rollouts independent of the parallel layout: a row keeps its samples when the
+    batch is reordered or split into other micro-batches (other shortest/longest prompts)."""
+    eos_bias.value = 2.0
+    params = dataclasses.replace(PARAMS["sampling"], top_k=0, top_p=1.0, temperature=1.0)
+    sampler = make_sampler(model)
+    tokens, lengths = prompts
+    whole = sampler.generate(tokens, lengths, params, row_keys=ROW_KEYS)
+
+    def response(out, row):
+        n, r = int(out.prompt_lengths[row]), int(out.response_lengths[row])
+        return out.tokens[row, n:n + r].tolist(), out.generator_logprobs[row, n - 1:n - 1 + r]
+
+    order = [4, 1, 5, 0, 3, 2]
+    for parts in ([order], [order[:2], order[2:]], [[r] for r in order]):
+        for rows in parts:
+            out = sampler.generate(tokens[rows], lengths[rows], params, row_keys=[ROW_KEYS[r] for r in rows])
+            for i, row in enumerate(rows):
+                got, want = response(out, i), response(whole, row)
+                assert got[0] == want[0], (parts, row)
+                assert torch.allclose(got[1], want[1], atol=1e-5, rtol=0)
+    # and a row's draws are its own: giving row 0 row 1's key changes row 0's sample
+    swapped = sampler.generate(tokens, lengths, params, row_keys=[ROW_KEYS[1]] + ROW_KEYS[1:])
+    assert response(swapped, 0)[0] != response(whole, 0)[0]
+
+
+def test_row_keys_must_match_the_batch(model, prompts):
+    with pytest.raises(ValueError, match="row_keys must be one key per prompt"):
+        make_sampler(model).generate(*prompts, PARAMS["sampling"], row_keys=ROW_KEYS[:2])
 
 
 def test_generator_logprobs_equal_a_separate_full_forward(model, eos_bias, prompts):

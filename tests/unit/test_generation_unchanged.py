@@ -81,7 +81,8 @@ def legacy_token_logprobs(logits, tokens):
 class LegacySampler(KVCacheSampler):
     """KVCacheSampler with the previous loop, maths and KV-cache calls (and the CPU mode left on)."""
 
-    def _run(self, prompt_tokens, prompt_lengths, params, cached):
+    def _run(self, prompt_tokens, prompt_lengths, params, cached, row_keys=None):
+        assert row_keys is None, "the legacy loop predates per-row streams"
         if megatron_cpu.is_installed():
             megatron_cpu.enable_in_current_thread()
         inner = _unwrap(self.model)
