@@ -20,10 +20,18 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def python_command(script: str | Path, args: list[str] = (), nproc: int = 1,
+                   use_torchrun: bool | None = None) -> list[str]:
+    """`python script args`, under torchrun with nproc processes (by default when nproc > 1)."""
+    if use_torchrun is None:
+        use_torchrun = nproc > 1
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    return [sys.executable, *(launcher if use_torchrun else []), str(script), *map(str, args)]
+
+
 def torchrun(script: str | Path, args: list[str] = (), nproc: int = 2, timeout: float = 300,
              cwd: str | Path | None = None, **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(script), *map(str, args)]
+    cmd = python_command(script, args, nproc, use_torchrun=True)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=child_env(**env),
                           cwd=str(cwd or REPO))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, child_env
+from tests.launch import REPO, child_env, python_command
 
 SCRIPTS = REPO / "examples" / "nlp" / "gpt"
 
@@ -109,9 +109,9 @@ class CriticProcess:
     subprocess on a fixed port (restartable)."""
 
     def __init__(self, overrides: list[str], port: int, log_path: Path, script: str = "serve_ppo_critic.py",
-                 port_key: str = "trainer.ppo.port"):
+                 port_key: str = "trainer.ppo.port", nproc: int = 1):
         self.overrides, self.port, self.log_path = overrides, port, log_path
-        self.script, self.port_key = script, port_key
+        self.script, self.port_key, self.nproc = script, port_key, nproc
         self.proc = None
 
     def start(self, timeout: float = 300, fault: str | None = None) -> "CriticProcess":
@@ -122,9 +122,9 @@ class CriticProcess:
 
         log = open(self.log_path, "a")
         env = child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1", **({"ALIGNER_FAULT": fault} if fault else {}))
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / self.script), *self.overrides,
-                                      f"{self.port_key}={self.port}"], stdout=log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=str(REPO))
+        args = [*self.overrides, f"{self.port_key}={self.port}"]
+        self.proc = subprocess.Popen(python_command(SCRIPTS / self.script, args, self.nproc), stdout=log,
+                                     stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         deadline = time.monotonic() + timeout
         with CriticClient("127.0.0.1", self.port, total_timeout_s=2) as client:
             while True:
