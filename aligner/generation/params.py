@@ -34,8 +34,9 @@ class SamplingParams:
     max_length: the most tokens generated per row (the response budget, not prompt + response).
     end_strings: a row also stops when its decoded response ends with one of these.
     seed: seeds the sampling generator; the same seed and inputs give the same samples.
-        None draws a fresh seed from the OS. Data-parallel replicas given the same seed draw
-        the same random numbers: fold the replica's rank into it for independent rollouts.
+        None draws a fresh seed from the OS. Ignored by our sampler when the caller gives
+        per-row stream keys (the rollout engine always does: keyed by global prompt index, so
+        rollouts do not depend on the data-parallel rank or the micro-batching).
     """
 
     temperature: float = 1.0

@@ -99,6 +99,8 @@ def _sharded_state(model, optimizer, is_loading: bool, skip_prefixes: tuple[str,
     state = {"model": model_sd}
     if optimizer is not None:
         if getattr(optimizer.config, "use_distributed_optimizer", False):
+            if is_loading:
+                _allocate_empty_adam_state(optimizer)
             # The default layout fails on this megatron version; dp_reshardable round-trips.
             state["optimizer"] = optimizer.sharded_state_dict(
                 model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
@@ -106,6 +108,45 @@ def _sharded_state(model, optimizer, is_loading: bool, skip_prefixes: tuple[str,
         else:
             state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
     return state
+
+
+def _allocate_empty_adam_state(optimizer) -> None:
+    """Zero Adam moments and step 0 for every parameter of a fresh distributed optimizer.
+
+    Megatron 0.16's DistributedOptimizer builds its loading template from its own state_dict(),
+    which (without apex / transformer-engine) reads every parameter's Adam ``step``: on an
+    optimizer that has not stepped yet there is none, and the load fails on an assertion. The
+    values are placeholders that the load overwrites in place; no parameter is touched (a
+    zero-gradient step would apply AdamW's weight decay).
+    """
+    from aligner.training.offload import torch_optimizers
+
+    for inner in torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Every parameter's Adam step from its group's saved step, after a distributed-optimizer load.
+
+    Megatron 0.16 records the step in the saved param groups, but its sharded parameter-state
+    load leaves torch AdamW's per-parameter ``step`` at the placeholder's 0: the next update would
+    then use step-1 bias corrections (weights off by ~lr; caught by the DP=2 -> DP=1 resume test).
+    """
+    from aligner.training.offload import torch_optimizers
+
+    for inner in torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                if "step" in inner.state.get(param, {}):
+                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
 def _distributed_optimizer_dp(optimizer) -> int | None:
@@ -208,13 +249,14 @@ def load(path: str | os.PathLike, model, optimizer=None, load_rng: bool = True,
     if not state.get("has_optimizer_state", False):
         optimizer = None  # e.g. a step-0 checkpoint: the optimizer starts fresh, as it did then
     saved_dp, dp = state.get("distributed_optimizer_dp"), _distributed_optimizer_dp(optimizer)
-    if optimizer is not None and saved_dp != dp and (saved_dp or dp):
+    if optimizer is not None and bool(saved_dp) != bool(dp):
         raise CheckpointError(
             f"{path}: its optimizer state was saved by "
             f"{'the distributed optimizer at data-parallel size ' + str(saved_dp) if saved_dp else 'a plain optimizer'}"
             f" and this run has {'the distributed optimizer at data-parallel size ' + str(dp) if dp else 'a plain one'}"
-            ": a distributed optimizer's state resumes only with model.optim.name=distributed_fused_adam at the same "
-            "data-parallel size (load weights only: pretrained_checkpoint.restore_from_path)")
+            ": a distributed optimizer's state resumes only with model.optim.name=distributed_fused_adam (at any "
+            "data-parallel size), a plain optimizer's only without it (load weights only: "
+            "pretrained_checkpoint.restore_from_path)")
     try:
         loaded = dist_checkpointing.load(
             _sharded_state(model, optimizer, is_loading=True, skip_prefixes=skip_prefixes), str(path / "weights")
@@ -232,6 +274,8 @@ def load(path: str | os.PathLike, model, optimizer=None, load_rng: bool = True,
     if optimizer is not None:
         with torch.no_grad():  # fp32 main params are views of leaves: in-place copy needs no_grad
             optimizer.load_state_dict(loaded["optimizer"])
+        if saved_dp:
+            _restore_adam_steps(optimizer)
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if load_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

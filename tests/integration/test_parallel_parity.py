@@ -148,17 +148,29 @@ def test_model_parallel_training_equals_one_process(initial_checkpoint, one_proc
     assert all(not torch.equal(got[k], initial[k]) for k in initial if "optimizer" not in k)  # all trained
 
 
-def test_distributed_optimizer_at_dp2_trains_like_the_plain_one(initial_checkpoint, one_process_training, tmp_path):
+def test_distributed_optimizer_at_dp2_trains_like_the_plain_one_and_resumes_at_any_dp(
+        initial_checkpoint, one_process_training, tmp_path):
     """model.optim.name=distributed_fused_adam shards Adam's state over DP=2: two steps give the
-    plain optimizer's losses and weights in one process. Its checkpoint cannot be resumed in a
-    different layout: that is refused before loading, naming the key. (Resuming it even at the
-    same DP=2 fails inside megatron 0.16's loader here: a known limitation, see the README.)"""
-    losses, _ = one_process_training
+    plain optimizer's losses and weights in one process. Its checkpoint of step 2 resumes at DP=1
+    and at DP=2 (megatron's dp_reshardable format) and the third step continues identically:
+    the one-process run's third loss and final weights, and the same Adam moments either way.
+    Resuming it with the plain optimizer is refused before loading, naming the key."""
+    losses, want = one_process_training
     sharded = _train(initial_checkpoint, tmp_path / "dp2", 2, 1, 1, "distributed_fused_adam", TRAIN_STEPS - 1)
     plain = _train(initial_checkpoint, tmp_path / "plain", 1, 1, 1, "fused_adam", TRAIN_STEPS - 1)
     assert _losses(tmp_path / "dp2") == pytest.approx(losses[:-1], abs=1e-5)
     _assert_same(_tensors(sharded), _tensors(plain), moments=False)
-    refused = torchrun(WORKER, ["train", sharded, tmp_path / "dp1", 1, 1, "fused_adam", 1, 2], nproc=1)
+    resumed = {}
+    for dp in (1, 2):
+        out = tmp_path / f"resumed_dp{dp}"
+        step_dir = _train(sharded, out, dp, 1, 1, "distributed_fused_adam", 1, first=TRAIN_STEPS - 1)
+        assert _losses(out) == pytest.approx(losses[-1:], abs=1e-5)
+        resumed[dp] = _tensors(step_dir)
+        _assert_same(resumed[dp], want, moments=False)  # weights after the third step
+    assert any("exp_avg" in k for k in resumed[1])
+    for name in resumed[2]:  # weights, fp32 main params and both Adam moments, whatever DP wrote them
+        torch.testing.assert_close(resumed[1][name], resumed[2][name], atol=1e-6, rtol=0, msg=name)
+    refused = torchrun(WORKER, ["train", sharded, tmp_path / "plain_resume", 1, 1, "fused_adam", 1, 2], nproc=1)
     assert refused.returncode != 0
-    assert "resumes only with model.optim.name=distributed_fused_adam at the same data-parallel size" in \
+    assert "resumes only with model.optim.name=distributed_fused_adam (at any data-parallel size)" in \
         refused.stdout + refused.stderr
