@@ -9,7 +9,7 @@ from aligner.distributed.launch_env import free_port
 from aligner.evaluation.lexicon_judge import judge_samples
 from tests.e2e.conftest import CriticProcess, grpo_overrides, read_metrics, run_script, series
 
-STEPS = 60
+STEPS = 100  # at 60 steps VADER rose +0.038 to +0.085 depending on the random draws: too close to the +0.05 bar
 pytestmark = pytest.mark.timeout(3600)  # alone, it builds the session's SFT and RM fixtures first
 
 
