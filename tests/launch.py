@@ -29,6 +29,23 @@ def python_command(script: str | Path, args: list[str] = (), nproc: int = 1,
     return [sys.executable, *(launcher if use_torchrun else []), str(script), *map(str, args)]
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a child and, when it leads its own session (a torchrun launcher started with
+    start_new_session=True), every worker under it: a killed launcher must not orphan ranks."""
+    import signal
+
+    if proc.poll() is not None:
+        return
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def torchrun(script: str | Path, args: list[str] = (), nproc: int = 2, timeout: float = 300,
              cwd: str | Path | None = None, **env: str) -> subprocess.CompletedProcess:
     cmd = python_command(script, args, nproc, use_torchrun=True)

@@ -87,9 +87,10 @@ class KVCacheSampler:
         """prompt_tokens [B, P] right-padded, prompt_lengths [B] -> GenerationOutput (KV cache).
 
         row_keys: [B] stream keys (aligner.generation.streams.stream_key). Each row's t-th token
-            then draws counter_uniform(key, t): its samples do not depend on the other rows of
-            the batch, its position in it, or the parallel layout. None: one generator seeded
-            with params.seed steps the whole batch.
+            then draws counter_uniform(key, t): its random draws do not depend on the other rows
+            of the batch, its position in it, or the parallel layout (its samples then agree up
+            to floating-point near-ties of the logits). None: one generator seeded with
+            params.seed steps the whole batch.
         """
         return self._run(prompt_tokens, prompt_lengths, params, cached=True, row_keys=row_keys)
 
@@ -149,6 +150,11 @@ class KVCacheSampler:
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         is_end = torch.zeros(batch, dtype=torch.bool, device=device)
         generator = _make_generator(params.seed, device) if row_keys is None else None
+        # With row keys: every draw a row can need, [B, max_length], computed once (the hash is
+        # ~100 small element-wise operators; per step it is one gather).
+        draws = None if row_keys is None else counter_uniform(
+            row_keys.repeat_interleave(params.max_length),
+            torch.arange(params.max_length, device=device).repeat(batch)).view(batch, params.max_length)
         # Host-side bounds, so that steps skip work no row needs (results are the same either way):
         # a generating row has produced length - prompt_length tokens, hence below min_length only
         # while length < its prompt length + min_length, and a row reads its prompt while length <
@@ -176,7 +182,8 @@ class KVCacheSampler:
             # Drawn for every row on every step (see sample_next); rows that are still reading
             # their prompt or are finished ignore theirs. With row keys a generating row's counter
             # is the number of tokens it has generated so far.
-            uniform = None if row_keys is None else counter_uniform(row_keys, response_lengths)
+            uniform = None if draws is None else \
+                draws.gather(1, response_lengths.clamp(max=params.max_length - 1).unsqueeze(1)).squeeze(1)
             sampled = broadcast_tensor_parallel(sample_next(work, params, generator, uniform))
             if any_generating:
                 tokens[:, length] = torch.where(generating, sampled, tokens[:, length])

@@ -314,12 +314,13 @@ class RolloutEngine:
         """One random stream per row, keyed by what the row *is*, never by where it runs: the
         prompt's index in the step's global batch (``first_prompt`` + its position here), the
         sample's index among that prompt's samples, the step and the generation round. The same
-        global batch therefore gets the same samples at any data-parallel, tensor-parallel or
-        micro-batch layout. fixed_seed (validation): the step is left out, so every evaluation
-        draws the same samples."""
+        global batch therefore gets the same random draws at any data-parallel, tensor-parallel
+        or micro-batch layout (and the same samples up to floating-point near-ties of the
+        logits). fixed_seed (validation): the step is left out, so every evaluation draws the
+        same samples."""
         base = (VALIDATION_STREAM, seed or 0) if fixed_seed else (int(self.cfg.model.seed), self.run.step, round_)
         sample_of, keys = {}, []
-        for local_prompt, _ in rows:
+        for local_prompt, _ in rows:  # rows hold each prompt's samples consecutively
             sample = sample_of[local_prompt] = sample_of.get(local_prompt, -1) + 1
             keys.append(stream_key(*base, first_prompt + local_prompt, sample))
         return keys
@@ -333,8 +334,8 @@ class RolloutEngine:
         index of prompt_indices[0] (default: this rank's slice of an evenly split global batch)."""
         micro = self.settings.rollout_micro_batch_size
         rows = [(g, i) for g, i in enumerate(prompt_indices) for _ in range(samples_per_prompt)]
-        if first_prompt is None:
-            first_prompt = self.run.layout.dp_rank * len(prompt_indices)
+        if first_prompt is None:  # where the prompt sampler's slice for this rank starts
+            first_prompt = self.run.layout.dp_rank * self.sampler.micro_size
         keys = self.stream_keys(rows, first_prompt, fixed_seed, params.seed, round_)
         outputs, handles, texts = [], [], []
         scorer = self.algorithm.scorer

@@ -110,18 +110,24 @@ def _sharded_state(model, optimizer, is_loading: bool, skip_prefixes: tuple[str,
     return state
 
 
+def _torch_adams(optimizer) -> list[torch.optim.Optimizer]:
+    """The inner optimizers that are torch's own Adam/AdamW (what megatron uses without apex or
+    transformer-engine); fused apex/TE optimizers keep their step in the param groups instead."""
+    from aligner.training.offload import torch_optimizers
+
+    return [inner for inner in torch_optimizers(optimizer) if isinstance(inner, torch.optim.Adam)]
+
+
 def _allocate_empty_adam_state(optimizer) -> None:
     """Zero Adam moments and step 0 for every parameter of a fresh distributed optimizer.
 
     Megatron 0.16's DistributedOptimizer builds its loading template from its own state_dict(),
-    which (without apex / transformer-engine) reads every parameter's Adam ``step``: on an
-    optimizer that has not stepped yet there is none, and the load fails on an assertion. The
-    values are placeholders that the load overwrites in place; no parameter is touched (a
-    zero-gradient step would apply AdamW's weight decay).
+    which with torch's Adam reads every parameter's ``step``: on an optimizer that has not
+    stepped yet there is none, and the load fails on an assertion. The values are placeholders
+    that the load overwrites; no parameter is touched (a zero-gradient step would apply AdamW's
+    weight decay).
     """
-    from aligner.training.offload import torch_optimizers
-
-    for inner in torch_optimizers(optimizer):
+    for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             for param in group["params"]:
                 state = inner.state[param]
@@ -132,21 +138,33 @@ def _allocate_empty_adam_state(optimizer) -> None:
 
 
 def _restore_adam_steps(optimizer) -> None:
-    """Every parameter's Adam step from its group's saved step, after a distributed-optimizer load.
+    """Give every parameter its own Adam step tensor, valued at its group's saved step, after a
+    distributed-optimizer load.
 
-    Megatron 0.16 records the step in the saved param groups, but its sharded parameter-state
-    load leaves torch AdamW's per-parameter ``step`` at the placeholder's 0: the next update would
-    then use step-1 bias corrections (weights off by ~lr; caught by the DP=2 -> DP=1 resume test).
+    Megatron 0.16 records the step in the saved param groups, but after its load torch Adam's
+    per-parameter steps are not the saved value (observed: every parameter at step 0 after
+    loading a step-2 checkpoint, so step 3 used step-1 bias corrections and was off by 5.8e-4;
+    the DP=2 -> DP=1 resume test catches it), and where megatron does set them it shares one
+    tensor among all parameters, which each update would increment once per parameter.
     """
-    from aligner.training.offload import torch_optimizers
-
-    for inner in torch_optimizers(optimizer):
+    for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
             if "step" not in group:
                 continue
             for param in group["params"]:
-                if "step" in inner.state.get(param, {}):
-                    inner.state[param]["step"] = torch.tensor(float(group["step"]))
+                state = inner.state.get(param, {})
+                if "step" in state:
+                    state["step"] = torch.full_like(state["step"], float(group["step"]))
+
+
+def _model_parallel_sizes() -> list[int]:
+    """[tensor-parallel, pipeline-parallel] sizes of this run."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return [1, 1]
+    return [parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size()]
 
 
 def _distributed_optimizer_dp(optimizer) -> int | None:
@@ -192,7 +210,8 @@ def save(root: str | os.PathLike, step: int, model, optimizer, trainer_state: di
     if _rank() == 0:
         _write_json_atomic(partial / STATE_FILE, {**trainer_state, "step": step,
                                                   "has_optimizer_state": optimizer is not None,
-                                                  "distributed_optimizer_dp": _distributed_optimizer_dp(optimizer)})
+                                                  "distributed_optimizer_dp": _distributed_optimizer_dp(optimizer),
+                                                  "model_parallel": _model_parallel_sizes()})
         (partial / MARKER).write_text("ok\n")
         _fsync_dir(partial)
         if final.exists():  # re-saving the same step: replace only after the new one is whole
@@ -257,6 +276,13 @@ def load(path: str | os.PathLike, model, optimizer=None, load_rng: bool = True,
             ": a distributed optimizer's state resumes only with model.optim.name=distributed_fused_adam (at any "
             "data-parallel size), a plain optimizer's only without it (load weights only: "
             "pretrained_checkpoint.restore_from_path)")
+    saved_mp = state.get("model_parallel")
+    if optimizer is not None and saved_dp and saved_mp and list(saved_mp) != _model_parallel_sizes():
+        tp, pp = saved_mp
+        raise CheckpointError(
+            f"{path}: its distributed-optimizer state was saved at model.tensor_model_parallel_size={tp}, "
+            f"model.pipeline_model_parallel_size={pp} and megatron reshards it only across data-parallel sizes: "
+            f"resume at TP={tp}, PP={pp} (load weights only: pretrained_checkpoint.restore_from_path)")
     try:
         loaded = dist_checkpointing.load(
             _sharded_state(model, optimizer, is_loading=True, skip_prefixes=skip_prefixes), str(path / "weights")

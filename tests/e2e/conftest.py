@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, child_env, python_command
+from tests.launch import REPO, child_env, kill_tree, python_command
 
 SCRIPTS = REPO / "examples" / "nlp" / "gpt"
 
@@ -124,7 +124,8 @@ class CriticProcess:
         env = child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1", **({"ALIGNER_FAULT": fault} if fault else {}))
         args = [*self.overrides, f"{self.port_key}={self.port}"]
         self.proc = subprocess.Popen(python_command(SCRIPTS / self.script, args, self.nproc), stdout=log,
-                                     stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+                                     stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                                     start_new_session=self.nproc > 1)  # so kill() reaches every rank
         deadline = time.monotonic() + timeout
         with CriticClient("127.0.0.1", self.port, total_timeout_s=2) as client:
             while True:
@@ -138,7 +139,7 @@ class CriticProcess:
                     return self
                 except CriticUnavailableError:
                     if time.monotonic() > deadline:
-                        self.proc.kill()
+                        kill_tree(self.proc)
                         raise AssertionError(f"{self.script} did not become ready:\n"
                                              f"{self.log_path.read_text()[-4000:]}") from None
 
@@ -149,8 +150,7 @@ class CriticProcess:
             return client.metrics()
 
     def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        kill_tree(self.proc)
 
     def stop(self) -> int:
         import signal
@@ -160,5 +160,5 @@ class CriticProcess:
             try:
                 return self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                kill_tree(self.proc)
         return self.proc.wait()

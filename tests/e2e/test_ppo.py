@@ -9,6 +9,7 @@ import torch
 from aligner.distributed.launch_env import free_port
 from aligner.evaluation.lexicon_judge import judge_samples
 from tests.e2e.conftest import CriticProcess, checkpoint_tensors, read_metrics, run_script, series
+from tests.launch import kill_tree
 
 PPO_STEPS = 100  # the default recipe (conf/gpt_ppo_actor.yaml), as the README pipeline runs it
 # The first test here builds the session's SFT (600 steps) and RM (300 steps) fixtures and runs the
@@ -107,6 +108,7 @@ def _start_actor(args, log, fault: str | None = None, nproc: int = 1):
     from tests.launch import REPO, child_env, python_command
 
     return subprocess.Popen(python_command(SCRIPTS / "train_gpt_ppo_actor.py", args, nproc), cwd=str(REPO),
+                            start_new_session=nproc > 1,  # kill_tree reaches every rank
                             stdout=open(log, "a"), stderr=subprocess.STDOUT,
                             env=child_env(ALIGNER_NUM_THREADS="1", OMP_NUM_THREADS="1",
                                           **({"ALIGNER_FAULT": fault} if fault else {})))
@@ -147,8 +149,7 @@ def _tiny_ppo(movie_data, sft_run, rm_run, root, critic_faults=(), actor_faults=
         assert kills == {"critic": len(critic_faults), "actor": len(actor_faults)}, kills
         return critic.metrics()["handler"]
     finally:
-        if actor.poll() is None:
-            actor.kill()
+        kill_tree(actor)
         critic.stop()
 
 

@@ -154,7 +154,8 @@ def test_distributed_optimizer_at_dp2_trains_like_the_plain_one_and_resumes_at_a
     plain optimizer's losses and weights in one process. Its checkpoint of step 2 resumes at DP=1
     and at DP=2 (megatron's dp_reshardable format) and the third step continues identically:
     the one-process run's third loss and final weights, and the same Adam moments either way.
-    Resuming it with the plain optimizer is refused before loading, naming the key."""
+    Resuming it with the plain optimizer, or at another TP size, is refused before loading,
+    naming the key."""
     losses, want = one_process_training
     sharded = _train(initial_checkpoint, tmp_path / "dp2", 2, 1, 1, "distributed_fused_adam", TRAIN_STEPS - 1)
     plain = _train(initial_checkpoint, tmp_path / "plain", 1, 1, 1, "fused_adam", TRAIN_STEPS - 1)
@@ -173,4 +174,10 @@ def test_distributed_optimizer_at_dp2_trains_like_the_plain_one_and_resumes_at_a
     refused = torchrun(WORKER, ["train", sharded, tmp_path / "plain_resume", 1, 1, "fused_adam", 1, 2], nproc=1)
     assert refused.returncode != 0
     assert "resumes only with model.optim.name=distributed_fused_adam (at any data-parallel size)" in \
+        refused.stdout + refused.stderr
+    # megatron reshards this state across data-parallel sizes only: another TP is refused by name
+    refused = torchrun(WORKER, ["train", sharded, tmp_path / "tp2_resume", 2, 1, "distributed_fused_adam", 1, 2],
+                       nproc=2)
+    assert refused.returncode != 0
+    assert "saved at model.tensor_model_parallel_size=1, model.pipeline_model_parallel_size=1" in \
         refused.stdout + refused.stderr
